@@ -1,0 +1,141 @@
+"""Federations of hospitals: stacked, padded train/test ClientData plus per-hospital metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medichain_jax.data.partition import label_skew_rates, quantity_skew_sizes
+from medichain_jax.data.phantom import (
+    VENDORS,
+    ScannerProfile,
+    _render_images,
+    fold_in_range,
+    hospital_profiles,
+)
+from medichain_jax.types import ClientData
+
+# fold_in tags on jax.random.PRNGKey(seed).
+_TAG_PROFILES, _TAG_TRAIN, _TAG_TEST = 0, 1, 2
+_MIN_TEST_PER_CLASS = 4
+_WIN_WIDTH = np.float32(1400.0)
+_WIN_LO = np.float32(-300.0) - _WIN_WIDTH / 2
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Federation:
+    """A simulated federation: per-hospital train/test data (stacked, padded) and metadata."""
+
+    train: ClientData
+    test: ClientData
+    vendors: tuple[str, ...]
+    profiles: ScannerProfile
+    train_sizes: np.ndarray
+    test_sizes: np.ndarray
+    train_pos_rate: np.ndarray
+    test_pos_rate: np.ndarray
+    name: str
+
+    @property
+    def num_hospitals(self) -> int:
+        """Number of hospitals (clients)."""
+        return len(self.vendors)
+
+
+def pad_and_stack(
+    list_of_x: Sequence[np.ndarray], list_of_y: Sequence[np.ndarray], capacity: int | None = None
+) -> ClientData:
+    """Stack per-client host arrays into one padded ClientData (padding rows are zero)."""
+    if len(list_of_x) != len(list_of_y) or not list_of_x:
+        raise ValueError("need the same, non-zero number of x and y arrays")
+    xs = [np.asarray(x, np.float32) for x in list_of_x]
+    xs = [x[..., None] if x.ndim == 3 else x for x in xs]
+    ys = [np.asarray(y, np.float32) for y in list_of_y]
+    ys = [y[:, None] if y.ndim == 1 else y for y in ys]
+    sizes = np.array([x.shape[0] for x in xs], np.int32)
+    if any(y.shape[0] != n for y, n in zip(ys, sizes, strict=True)):
+        raise ValueError("x and y row counts differ")
+    cap = int(sizes.max()) if capacity is None else int(capacity)
+    if sizes.max() > cap:
+        raise ValueError(f"a client has {sizes.max()} rows > capacity {cap}")
+    x_out = np.zeros((len(xs), cap) + xs[0].shape[1:], np.float32)
+    y_out = np.zeros((len(ys), cap) + ys[0].shape[1:], np.float32)
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        x_out[i, : x.shape[0]] = x
+        y_out[i, : y.shape[0]] = y
+    return ClientData(x=jnp.asarray(x_out), y=jnp.asarray(y_out), num_examples=jnp.asarray(sizes))
+
+
+def _render_split(
+    key: jax.Array, labels: list[np.ndarray], profiles: ScannerProfile, size: int
+) -> list[np.ndarray]:
+    """Windowed images of every hospital (hospital h, image i uses fold_in(fold_in(key, h), i))."""
+    sizes = np.array([lab.size for lab in labels])
+    hosp = np.repeat(np.arange(len(labels)), sizes)
+    idx = np.concatenate([np.arange(n) for n in sizes]).astype(np.int32)
+    flat_y = np.concatenate(labels).astype(np.int32)
+    keys = fold_in_range(key, len(labels))[hosp]
+    prof = [np.asarray(f, np.float32)[hosp] for f in profiles]
+    out = _render_images(keys, idx, flat_y, ScannerProfile(*prof), size)
+    np.clip((out - _WIN_LO) / _WIN_WIDTH, 0.0, 1.0, out=out)  # = window(), on the host
+    return np.split(out, np.cumsum(sizes)[:-1])
+
+
+def _labels(rng: np.random.Generator, n: int, n_pos: int) -> np.ndarray:
+    """Exactly n_pos ones among n labels, shuffled."""
+    y = np.zeros(n, np.int32)
+    y[:n_pos] = 1
+    return rng.permutation(y)
+
+
+def make_phantom_federation(
+    seed: int,
+    num_hospitals: int,
+    non_iid: bool,
+    alpha: float = 0.5,
+    mean_train: int = 256,
+    test_size: int = 64,
+    image_size: int = 64,
+    scanner_shift: float | None = None,
+) -> Federation:
+    """Build a deterministic CT-phantom federation (IID, or label + quantity + scanner skew)."""
+    if test_size < 2 * _MIN_TEST_PER_CLASS:
+        raise ValueError(f"test_size must be >= {2 * _MIN_TEST_PER_CLASS}")
+    n_h = int(num_hospitals)
+    rng = np.random.default_rng(seed)
+    if non_iid:
+        rates = label_skew_rates(rng, n_h, alpha)
+        sizes = quantity_skew_sizes(rng, n_h, mean_train)
+        shift = 1.0 if scanner_shift is None else float(scanner_shift)
+    else:
+        rates = np.full(n_h, 0.5)
+        sizes = np.full(n_h, int(mean_train), np.int64)
+        shift = 0.0 if scanner_shift is None else float(scanner_shift)
+    train_pos = np.rint(rates * sizes).astype(np.int64)
+    test_pos = np.clip(
+        np.rint(rates * test_size), _MIN_TEST_PER_CLASS, test_size - _MIN_TEST_PER_CLASS
+    ).astype(np.int64)
+    y_train = [_labels(rng, int(n), int(p)) for n, p in zip(sizes, train_pos, strict=True)]
+    y_test = [_labels(rng, test_size, int(p)) for p in test_pos]
+
+    root = jax.random.PRNGKey(seed)
+    profiles, vendor_ids = hospital_profiles(jax.random.fold_in(root, _TAG_PROFILES), n_h, shift)
+    x_train = _render_split(jax.random.fold_in(root, _TAG_TRAIN), y_train, profiles, image_size)
+    x_test = _render_split(jax.random.fold_in(root, _TAG_TEST), y_test, profiles, image_size)
+    test_sizes = np.full(n_h, test_size, np.int64)
+    kind = "noniid" if non_iid else "iid"
+    return Federation(
+        train=pad_and_stack(x_train, y_train),
+        test=pad_and_stack(x_test, y_test),
+        vendors=tuple(VENDORS[v] for v in vendor_ids),
+        profiles=profiles,
+        train_sizes=sizes.astype(np.int64),
+        test_sizes=test_sizes,
+        train_pos_rate=train_pos / np.maximum(sizes, 1),
+        test_pos_rate=test_pos / test_size,
+        name=f"phantom-{kind}-{n_h}h-seed{seed}",
+    )

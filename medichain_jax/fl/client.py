@@ -1,0 +1,133 @@
+"""``local_train``: one hospital's local training, the single function shared by the simulator
+(vmapped / mapped over hospitals inside one compiled round) and the real-mode site runner."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from medichain_jax.models import FunctionalModel, Variables
+from medichain_jax.types import ClientData, PyTree
+
+# Optional hook used by algorithms: maps (params, global_params) -> extra loss term.
+ProxTerm = Callable[[PyTree, PyTree], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainHParams:
+    """Static hyper-parameters of local training (hashable: part of the compiled program)."""
+
+    model: FunctionalModel
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    unroll: int = 1
+
+    def optimizer(self) -> optax.GradientTransformation:
+        """The client optimizer: SGD (optionally with momentum and decoupled weight decay)."""
+        sgd = optax.sgd(self.lr, momentum=self.momentum or None)
+        if self.weight_decay:
+            return optax.chain(optax.add_decayed_weights(self.weight_decay), sgd)
+        return sgd
+
+    def steps_per_epoch(self, capacity: int) -> int:
+        """Minibatch steps per epoch for a client padded to ``capacity`` rows."""
+        return max(1, math.ceil(capacity / self.batch_size))
+
+
+def masked_bce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean sigmoid binary cross-entropy over the real rows (labels ``[B, K]``, mask ``[B]``)."""
+    per_row = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1)
+    return jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def batch_loss(
+    hp: TrainHParams, params: PyTree, stats: PyTree, x: jax.Array, y: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, PyTree]:
+    """Training loss of one minibatch and the updated normalization statistics."""
+    logits, new_vars = hp.model.apply({"params": params, "stats": stats}, x, train=True, mask=mask)
+    return masked_bce(logits, y, mask), new_vars["stats"]
+
+
+def shuffled_order(key: jax.Array, num_examples: jax.Array, capacity: int) -> jax.Array:
+    """A random order of the real rows first, padding rows last.
+
+    Row ``i`` draws its sort key from ``fold_in(key, i)``, so the order of the real rows does
+    not depend on how much padding a client carries.
+    """
+    u = jax.vmap(lambda i: jax.random.uniform(jax.random.fold_in(key, i)))(jnp.arange(capacity))
+    u = jnp.where(jnp.arange(capacity) < num_examples, u, 2.0)
+    return jnp.argsort(u)
+
+
+def local_train(
+    variables: Variables,
+    data: ClientData,
+    key: jax.Array,
+    hp: TrainHParams,
+    prox: ProxTerm | None = None,
+) -> tuple[Variables, dict[str, jax.Array]]:
+    """Train one hospital's copy of the model for ``hp.epochs`` epochs of minibatch SGD.
+
+    Epochs are a ``lax.scan`` over minibatches; each epoch reshuffles from
+    ``fold_in(key, epoch)``. Steps past the client's ``num_examples`` are skipped
+    (``lax.cond``), so padding never changes a result. Returns the new variables and
+    ``{"loss": mean minibatch loss, "steps": optimizer steps taken}``.
+    """
+    capacity = data.capacity
+    bsz = hp.batch_size
+    steps = hp.steps_per_epoch(capacity)
+    n = jnp.asarray(data.num_examples, jnp.int32)
+    tx = hp.optimizer()
+    global_params = variables["params"]
+
+    def loss(params, stats, x, y, mask):
+        value, new_stats = batch_loss(hp, params, stats, x, y, mask)
+        if prox is not None:
+            value = value + prox(params, global_params)
+        return value, new_stats
+
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+
+    def sgd_step(carry, idx, mask):
+        params, stats, opt_state = carry
+        x = jnp.take(data.x, idx, axis=0)
+        y = jnp.take(data.y, idx, axis=0)
+        (value, new_stats), grads = grad_fn(params, stats, x, y, mask)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), new_stats, opt_state), value
+
+    def epoch(carry, e):
+        order = shuffled_order(jax.random.fold_in(key, e), n, capacity)
+        order = jnp.pad(order, (0, steps * bsz - capacity)).reshape(steps, bsz)
+
+        def step(carry, s):
+            pos = s * bsz + jnp.arange(bsz)
+            mask = pos < n
+            active = s * bsz < n
+            carry, value = jax.lax.cond(
+                active,
+                lambda c: sgd_step(c, order[s], mask),
+                lambda c: (c, jnp.zeros((), jnp.float32)),
+                carry,
+            )
+            return carry, (value, active)
+
+        carry, (values, active) = jax.lax.scan(step, carry, jnp.arange(steps), unroll=hp.unroll)
+        return carry, (values.sum(), active.sum())
+
+    init = (variables["params"], variables["stats"], tx.init(variables["params"]))
+    (params, stats, _), (loss_sums, counts) = jax.lax.scan(epoch, init, jnp.arange(hp.epochs))
+    total_steps = counts.sum()
+    metrics = {
+        "loss": loss_sums.sum() / jnp.maximum(total_steps, 1),
+        "steps": total_steps.astype(jnp.float32),
+    }
+    return {"params": params, "stats": stats}, metrics

@@ -1,0 +1,170 @@
+"""Run configuration: one frozen dataclass, loadable from YAML/JSON, validated with clear errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medichain_jax.engine.parallel import STRATEGIES
+from medichain_jax.models import MODELS, NORMS
+
+DATASETS = ("phantom",)
+ALGORITHMS = ("fedavg",)
+AGGREGATORS = ("mean",)
+SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a simulation run (``config.json`` reproduces it)."""
+
+    dataset: str = "phantom"
+    hospitals: int = 20
+    rounds: int = 50
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    server_lr: float = 1.0
+    server_optimizer: str = "sgd"
+    client_fraction: float = 1.0
+    seed: int = 0
+    non_iid: bool = False
+    alpha: float = 0.5
+    scanner_shift: float | None = None
+    train_per_hospital: int = 256
+    test_per_hospital: int = 64
+    image_size: int = 64
+    model: str = "cnn"
+    norm: str = "group"
+    algorithm: str = "fedavg"
+    aggregator: str = "mean"
+    client_parallelism: str = "auto"
+    chunk: int = 4
+    baselines: bool = False
+    eval_every: int = 1
+    checkpoint_every: int = 5
+
+    def __post_init__(self):
+        _check(self)
+
+    @property
+    def cohort_size(self) -> int:
+        """Hospitals sampled per round: ``max(1, round(client_fraction * hospitals))``."""
+        return max(1, min(self.hospitals, round(self.client_fraction * self.hospitals)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serializable)."""
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """Short stable hash of every field."""
+        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:8]
+
+    def run_id(self) -> str:
+        """Deterministic run name: the same config always maps to the same results folder."""
+        skew = "noniid" if self.non_iid else "iid"
+        return (
+            f"{self.dataset}-{self.algorithm}-h{self.hospitals}-{skew}-s{self.seed}-{self.digest()}"
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> RunConfig:
+        """Build from a dict; unknown keys and wrong types raise ``ConfigError`` naming the key."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        clean: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ConfigError(
+                    f"{source}: unknown key {key!r} (known: {', '.join(sorted(fields))})"
+                )
+            clean[name] = _coerce(name, fields[name].type, value, source)
+        return cls(**clean)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        """Read a YAML (or JSON) file."""
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text())
+        except OSError as err:
+            raise ConfigError(f"cannot read config file {path}: {err.strerror}") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        return cls.from_dict(values, source=str(path))
+
+
+def _coerce(name: str, type_name: str, value: Any, source: str) -> Any:
+    want = str(type_name)
+    if value is None and "None" in want:
+        return None
+    try:
+        if want.startswith("int"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if want.startswith("float"):
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if want.startswith("bool"):
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if want.startswith("str"):
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: {name} must be {want}, got {value!r}") from err
+    return value
+
+
+def _check(c: RunConfig) -> None:
+    def need(ok: bool, field: str, msg: str):
+        if not ok:
+            raise ConfigError(f"{field} {msg}, got {getattr(c, field)!r}")
+
+    need(c.dataset in DATASETS, "dataset", f"must be one of {DATASETS}")
+    need(c.hospitals >= 1, "hospitals", "must be >= 1")
+    need(c.rounds >= 1, "rounds", "must be >= 1")
+    need(c.local_epochs >= 1, "local_epochs", "must be >= 1")
+    need(c.batch_size >= 1, "batch_size", "must be >= 1")
+    need(c.lr > 0, "lr", "must be > 0")
+    need(0 <= c.momentum < 1, "momentum", "must be in [0, 1)")
+    need(c.server_lr > 0, "server_lr", "must be > 0")
+    need(
+        c.server_optimizer in SERVER_OPTIMIZERS,
+        "server_optimizer",
+        f"must be one of {SERVER_OPTIMIZERS}",
+    )
+    need(0 < c.client_fraction <= 1, "client_fraction", "must be in (0, 1]")
+    need(c.seed >= 0, "seed", "must be >= 0")
+    need(c.alpha > 0, "alpha", "must be > 0")
+    need(c.scanner_shift is None or c.scanner_shift >= 0, "scanner_shift", "must be >= 0")
+    need(c.train_per_hospital >= 8, "train_per_hospital", "must be >= 8")
+    need(c.test_per_hospital >= 8, "test_per_hospital", "must be >= 8 (4 of each class)")
+    need(c.image_size >= 8 and c.image_size % 8 == 0, "image_size", "must be a multiple of 8")
+    need(c.model in MODELS, "model", f"must be one of {MODELS}")
+    need(c.norm in NORMS, "norm", f"must be one of {NORMS}")
+    need(c.algorithm in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}")
+    need(c.aggregator in AGGREGATORS, "aggregator", f"must be one of {AGGREGATORS}")
+    need(c.client_parallelism in STRATEGIES, "client_parallelism", f"must be one of {STRATEGIES}")
+    need(c.chunk >= 1, "chunk", "must be >= 1")
+    need(c.eval_every >= 1, "eval_every", "must be >= 1")
+    need(c.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")

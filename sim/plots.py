@@ -1,0 +1,122 @@
+"""PNG plots of a results folder: learning curves, per-hospital bars, FLamby-style baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from sim.results import MetricsLog  # noqa: E402
+
+
+def plot_run(workdir: str | Path) -> list[Path]:
+    """Write ``plots/*.png`` for a finished run; returns the files written."""
+    workdir = Path(workdir)
+    out = workdir / "plots"
+    out.mkdir(exist_ok=True)
+    records = [r for r in MetricsLog(workdir / "metrics.jsonl").read() if "global" in r]
+    summary = json.loads((workdir / "summary.json").read_text())
+    written = [_learning_curves(records, out / "learning_curves.png")]
+    written.append(_per_hospital(summary, out / "per_hospital_auc.png"))
+    if "local" in summary and "pooled" in summary:
+        written.append(_baselines(summary, out / "baselines.png"))
+    return written
+
+
+def _learning_curves(records: list[dict], path: Path) -> Path:
+    rounds = [r["round"] for r in records]
+    per = np.array([r["per_hospital"]["auc"] for r in records], dtype=float)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    for i, col in enumerate(per.T):
+        ax.plot(
+            rounds,
+            col,
+            color="tab:blue",
+            alpha=0.15,
+            lw=0.8,
+            label="each hospital" if i == 0 else None,
+        )
+    ax.plot(
+        rounds,
+        [r["global"]["auc"] for r in records],
+        color="tab:blue",
+        lw=2.2,
+        label="mean over hospitals",
+    )
+    ax.plot(
+        rounds,
+        [r["global"]["pooled"]["auc"] for r in records],
+        color="black",
+        lw=1.5,
+        ls="--",
+        label="all test data pooled",
+    )
+    ax.set(xlabel="round", ylabel="test ROC AUC", title="Global model AUC")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    ax.plot(rounds, [r["train_loss"] for r in records], label="train (clients, weighted)")
+    ax.plot(rounds, [r["global"]["loss"] for r in records], label="test (mean over hospitals)")
+    ax.set(xlabel="round", ylabel="BCE loss", title="Loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _per_hospital(summary: dict, path: Path) -> Path:
+    auc = np.array(summary["federated"]["per_hospital"], dtype=float)
+    vendors = [h["vendor"] for h in summary["hospitals"]]
+    palette = {v: f"C{i}" for i, v in enumerate(dict.fromkeys(vendors))}
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(auc) + 2), 4))
+    ax.bar(np.arange(len(auc)), auc, color=[palette[v] for v in vendors])
+    for v, c in palette.items():
+        ax.bar([0], [0], color=c, label=v)
+    ax.axhline(np.nanmean(auc), color="black", ls="--", lw=1, label=f"mean {np.nanmean(auc):.3f}")
+    ax.set(
+        xlabel="hospital",
+        ylabel="test ROC AUC",
+        title="Federated model, per hospital",
+        ylim=(0.3, 1.0),
+        xticks=np.arange(len(auc)),
+    )
+    ax.legend(ncol=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _baselines(summary: dict, path: Path) -> Path:
+    names = ("local", "federated", "pooled")
+    n = len(summary["federated"]["per_hospital"])
+    fig, ax = plt.subplots(figsize=(max(7, 0.6 * n + 2), 4))
+    width = 0.27
+    for i, name in enumerate(names):
+        vals = np.array(summary[name]["per_hospital"], dtype=float)
+        ax.bar(
+            np.arange(n) + (i - 1) * width,
+            vals,
+            width,
+            label=f"{name} (mean {np.nanmean(vals):.3f})",
+        )
+    ax.set(
+        xlabel="hospital",
+        ylabel="test ROC AUC",
+        ylim=(0.3, 1.0),
+        xticks=np.arange(n),
+        title="Local-only vs federated vs pooled (FLamby protocol), per hospital",
+    )
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,90 @@
+"""Tests for the host-side partition helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medichain_jax.data.partition import (
+    dirichlet_partition,
+    iid_partition,
+    label_skew_rates,
+    quantity_skew_sizes,
+)
+
+
+def _check_exact_cover(parts: list[np.ndarray], n: int) -> None:
+    allidx = np.concatenate(parts)
+    assert allidx.size == n
+    np.testing.assert_array_equal(np.sort(allidx), np.arange(n))
+
+
+def test_label_skew_rates_bounds_and_alpha_effect() -> None:
+    """Rates stay in [lo, hi]; small alpha spreads them, large alpha concentrates at 0.5."""
+    small = label_skew_rates(0, 2000, 0.1)
+    large = label_skew_rates(0, 2000, 100.0)
+    assert small.shape == (2000,)
+    assert small.min() >= 0.05 and small.max() <= 0.95
+    assert np.abs(large - 0.5).max() < 0.2
+    assert np.mean(np.abs(small - 0.5)) > 0.3
+    assert abs(large.mean() - 0.5) < 0.01
+    np.testing.assert_array_equal(label_skew_rates(3, 10, 0.5), label_skew_rates(3, 10, 0.5))
+    r = label_skew_rates(1, 500, 0.5, lo=0.2, hi=0.7)
+    assert r.min() >= 0.2 and r.max() <= 0.7
+
+
+def test_quantity_skew_sizes() -> None:
+    """Sizes are ints, vary, average ~ the target and respect the clip bounds."""
+    sizes = quantity_skew_sizes(0, 1000, 256)
+    assert sizes.dtype.kind == "i"
+    assert sizes.min() >= 64 and sizes.max() <= 512
+    assert abs(sizes.mean() - 256) < 0.08 * 256
+    assert sizes.std() > 50
+    s2 = quantity_skew_sizes(np.random.default_rng(1), 50, 100, min_size=90, max_size=110)
+    assert s2.min() >= 90 and s2.max() <= 110
+    np.testing.assert_array_equal(quantity_skew_sizes(5, 20, 64), quantity_skew_sizes(5, 20, 64))
+    with pytest.raises(ValueError):
+        quantity_skew_sizes(0, 5, 100, min_size=50, max_size=10)
+
+
+def test_iid_partition() -> None:
+    """Every index exactly once, near-equal sizes."""
+    parts = iid_partition(0, 103, 10)
+    _check_exact_cover(parts, 103)
+    sizes = [p.size for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError):
+        iid_partition(0, 3, 5)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.5, 1000.0])
+def test_dirichlet_partition_covers_and_nonempty(alpha: float) -> None:
+    """Exact cover, no empty client, deterministic for a seed."""
+    labels = np.random.default_rng(0).integers(0, 3, 900)
+    parts = dirichlet_partition(1, labels, 30, alpha, min_per_client=2)
+    assert len(parts) == 30
+    _check_exact_cover(parts, labels.size)
+    assert min(p.size for p in parts) >= 2
+    again = dirichlet_partition(1, labels, 30, alpha, min_per_client=2)
+    for a, b in zip(parts, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_dirichlet_partition_skew_depends_on_alpha() -> None:
+    """Large alpha gives each client ~ the global label mix; small alpha skews it."""
+    labels = np.repeat([0, 1], 2000)
+    rng = np.random.default_rng(0)
+    uniform = dirichlet_partition(rng, labels, 10, 1000.0)
+    skewed = dirichlet_partition(rng, labels, 10, 0.1)
+    pos_u = np.array([labels[p].mean() for p in uniform])
+    pos_s = np.array([labels[p].mean() for p in skewed])
+    assert np.abs(pos_u - 0.5).max() < 0.05
+    assert np.abs(pos_s - 0.5).mean() > 0.25
+    sizes_u = np.array([p.size for p in uniform])
+    assert np.abs(sizes_u - 400).max() < 40
+
+
+def test_dirichlet_partition_too_few_examples() -> None:
+    """Asking for more than the data allows raises."""
+    with pytest.raises(ValueError):
+        dirichlet_partition(0, np.zeros(5, int), 4, 1.0, min_per_client=2)
