@@ -50,6 +50,7 @@ class RunConfig:
     aggregator: str = "mean"
     client_parallelism: str = "auto"
     chunk: int = 4
+    devices: int | None = None
     baselines: bool = False
     eval_every: int = 1
     checkpoint_every: int = 5
@@ -166,5 +167,6 @@ def _check(c: RunConfig) -> None:
     need(c.aggregator in AGGREGATORS, "aggregator", f"must be one of {AGGREGATORS}")
     need(c.client_parallelism in STRATEGIES, "client_parallelism", f"must be one of {STRATEGIES}")
     need(c.chunk >= 1, "chunk", "must be >= 1")
+    need(c.devices is None or c.devices >= 1, "devices", "must be >= 1")
     need(c.eval_every >= 1, "eval_every", "must be >= 1")
     need(c.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")

@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from medichain_jax import rng
 from medichain_jax.data.federation import Federation, make_phantom_federation
 from medichain_jax.engine.parallel import Parallelism, resolve
-from medichain_jax.engine.round import build_round
+from medichain_jax.engine.round import build_round, client_mesh, replicate
 from medichain_jax.fl.aggregators import get_aggregator
 from medichain_jax.fl.algorithm import Algorithm
 from medichain_jax.fl.baselines import matched_epochs, pool_clients, train_local_only, train_pooled
@@ -48,6 +49,7 @@ class Experiment:
     hparams: TrainHParams
     algorithm: Algorithm
     parallelism: Parallelism
+    mesh: Mesh | None
     round_fn: Callable
     eval_fn: Callable
 
@@ -94,6 +96,9 @@ def build(config: RunConfig) -> Experiment:
     )
     algorithm = fedavg(hp, server_optimizer(config))
     parallelism = resolve(config.client_parallelism, chunk=config.chunk)
+    mesh = client_mesh(min(config.devices or len(jax.devices()), config.cohort_size))
+    # every device reads the hospitals it is given from its own copy
+    fed = dataclasses.replace(fed, train=replicate(fed.train, mesh))
     round_fn = jax.jit(
         build_round(
             algorithm,
@@ -101,10 +106,11 @@ def build(config: RunConfig) -> Experiment:
             config.cohort_size,
             parallelism,
             get_aggregator(config.aggregator),
+            mesh,
         )
     )
     eval_fn = jax.jit(lambda variables, data: evaluate(model, variables, data))
-    return Experiment(config, fed, model, hp, algorithm, parallelism, round_fn, eval_fn)
+    return Experiment(config, fed, model, hp, algorithm, parallelism, mesh, round_fn, eval_fn)
 
 
 def param_bytes(tree: Any) -> int:
@@ -174,6 +180,7 @@ def run(
     elif resume:
         print(f"no checkpoint in {workdir}/checkpoints; starting from round 0", file=sys.stderr)
         log.truncate(0)
+    state = replicate(state, exp.mesh)
 
     last = config.rounds if stop_after is None else min(config.rounds, stop_after)
     msg_bytes = param_bytes(state.params)
@@ -206,7 +213,7 @@ def run(
             "seconds": round_s,
         }
         if (rnd + 1) % config.eval_every == 0 or rnd + 1 == config.rounds:
-            ev = exp.eval_fn(state.params, fed.test)
+            ev = exp.eval_fn(jax.device_put(state.params, jax.devices()[0]), fed.test)
             record.update(_eval_record(ev))
         log.append(record)
         history.append(record)
@@ -247,6 +254,7 @@ def _summarize(exp: Experiment, state, history: list[dict[str, Any]]) -> dict[st
         "rounds": cfg.rounds,
         "backend": jax.default_backend(),
         "client_parallelism": dataclasses.asdict(exp.parallelism),
+        "devices": 1 if exp.mesh is None else int(exp.mesh.devices.size),
         "hospitals": [
             {
                 "id": i,

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
+import os
 
-from medichain_jax.models import get_model
-from medichain_jax.types import ClientData
+# four fake CPU devices (set before jax starts), so sharded rounds are tested on any machine
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from medichain_jax.models import get_model  # noqa: E402
+from medichain_jax.types import ClientData  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -8,7 +8,7 @@ import pytest
 
 from medichain_jax import rng
 from medichain_jax.engine.parallel import Parallelism, resolve
-from medichain_jax.engine.round import build_round, sample_cohort
+from medichain_jax.engine.round import build_round, client_mesh, replicate, sample_cohort
 from medichain_jax.fl.aggregators import weighted_mean
 from medichain_jax.fl.client import TrainHParams, local_train, masked_bce
 from medichain_jax.fl.fedavg import fedavg
@@ -100,14 +100,36 @@ def test_every_strategy_matches_sequential_reference(tiny_model, clients, cohort
     for _ in range(2):
         cohort = np.asarray(sample_cohort(seed, s_ref.round, 5, cohort_size))
         s_ref = sequential_reference(alg, s_ref, clients, seed, cohort)
-    for strat in STRATEGIES:
-        rf = jax.jit(build_round(alg, 5, cohort_size, strat))
-        s = state0
+    for strat, n_dev in [(s, 1) for s in STRATEGIES] + [
+        (Parallelism("map"), 2),
+        (Parallelism("chunked", 2), 4),
+    ]:
+        mesh = client_mesh(n_dev)
+        rf = jax.jit(build_round(alg, 5, cohort_size, strat, mesh=mesh))
+        s = replicate(state0, mesh)
         for _ in range(2):
             s, _, info = rf(s, clients, None, seed)
         assert rf._cache_size() == 1, "the round must compile once"
         allclose_tree(s.params, s_ref.params, rtol=2e-5, atol=2e-6)
         assert int(s.round) == 2
+
+
+def test_sharded_equals_single_device_with_client_state(tiny_model, clients):
+    """Sharding over 1, 2 and 4 devices gives the same params and per-client outputs."""
+    hp = TrainHParams(model=tiny_model, batch_size=5, lr=0.1)
+    alg = fedavg(hp)
+    state0 = alg.init(tiny_model.init(jax.random.key(0)))
+    outs = []
+    for n_dev in (1, 2, 4):
+        rf = jax.jit(build_round(alg, 5, 5, Parallelism("map"), mesh=client_mesh(n_dev)))
+        s, _, info = rf(state0, clients, None, jnp.uint32(0))
+        outs.append((s.params, info))
+    assert len(jax.devices()) >= 4
+    for params, info in outs[1:]:
+        allclose_tree(params, outs[0][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(info.cohort, outs[0][1].cohort)
+        np.testing.assert_array_equal(info.weights, outs[0][1].weights)
+        allclose_tree(info.metrics, outs[0][1].metrics, rtol=1e-5, atol=1e-6)
 
 
 def test_cohort_depends_on_seed_and_round_only():
