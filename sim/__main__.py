@@ -2,11 +2,7 @@
 
 import sys
 
-from sim.devices import use_host_cores
-
-use_host_cores()
-
-from sim.cli import main  # noqa: E402
+from sim.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

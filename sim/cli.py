@@ -9,6 +9,7 @@ from pathlib import Path
 from medichain_jax.engine.parallel import STRATEGIES
 from medichain_jax.models import MODELS, NORMS
 from sim.config import ALGORITHMS, DATASETS, SERVER_OPTIMIZERS, ConfigError, RunConfig
+from sim.devices import use_host_cores
 
 
 def _positive_int(text: str) -> int:
@@ -147,6 +148,7 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m sim``."""
+    use_host_cores()  # before jax starts its CPU backend
     config, args = parse(argv)
     from sim.runner import run
 

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +13,6 @@ import optax
 
 from medichain_jax.models import FunctionalModel, Variables
 from medichain_jax.types import ClientData, PyTree
-
-# Optional hook used by algorithms: maps (params, global_params) -> extra loss term.
-ProxTerm = Callable[[PyTree, PyTree], jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +69,6 @@ def local_train(
     data: ClientData,
     key: jax.Array,
     hp: TrainHParams,
-    prox: ProxTerm | None = None,
 ) -> tuple[Variables, dict[str, jax.Array]]:
     """Train one hospital's copy of the model for ``hp.epochs`` epochs of minibatch SGD.
 
@@ -86,15 +82,7 @@ def local_train(
     steps = hp.steps_per_epoch(capacity)
     n = jnp.asarray(data.num_examples, jnp.int32)
     tx = hp.optimizer()
-    global_params = variables["params"]
-
-    def loss(params, stats, x, y, mask):
-        value, new_stats = batch_loss(hp, params, stats, x, y, mask)
-        if prox is not None:
-            value = value + prox(params, global_params)
-        return value, new_stats
-
-    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(batch_loss, hp), has_aux=True)
 
     def sgd_step(carry, idx, mask):
         params, stats, opt_state = carry
