@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         non_iid=False,
     )
     exp = build(cfg)
+    # single-device contenders read one copy; the mesh contender reuses build()'s replicated one
     data = jax.device_put(exp.federation.train, jax.devices()[0])
     state = exp.algorithm.init(exp.model.init(rng.stream(0, rng.INIT)))
     seed = jnp.uint32(0)
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for name, par, msh in kinds:
         rf = jax.jit(build_round(exp.algorithm, n_clients, n_clients, par, mesh=msh))
-        st, dt = replicate(state, msh), replicate(data, msh)
+        st = replicate(state, msh)
+        dt = data if msh is None else exp.federation.train
         compiled = rf.lower(st, dt, None, seed).compile()
         contenders[f"engine_{name}"] = lambda c=compiled, st=st, dt=dt: c(st, dt, None, seed)
 

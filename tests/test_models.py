@@ -32,9 +32,11 @@ def test_space_to_depth_is_a_permutation():
     np.testing.assert_array_equal(np.sort(np.asarray(y).ravel()), np.asarray(x).ravel())
 
 
-@pytest.mark.parametrize("norm", ["none", "group", "batch"])
-def test_model_functional_and_padding_blind(norm):
-    m = get_model("cnn", image_size=16, norm=norm)
+@pytest.mark.parametrize(
+    "name,norm", [("cnn", "none"), ("cnn", "group"), ("cnn", "batch"), ("cnn-wide", "group")]
+)
+def test_model_functional_and_padding_blind(name, norm):
+    m = get_model(name, image_size=16, norm=norm)
     v = m.init(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (6, 16, 16, 1))
     mask = jnp.arange(6) < 4

@@ -24,15 +24,11 @@ class TrainHParams:
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.0
-    weight_decay: float = 0.0
     unroll: int = 1
 
     def optimizer(self) -> optax.GradientTransformation:
-        """The client optimizer: SGD (optionally with momentum and decoupled weight decay)."""
-        sgd = optax.sgd(self.lr, momentum=self.momentum or None)
-        if self.weight_decay:
-            return optax.chain(optax.add_decayed_weights(self.weight_decay), sgd)
-        return sgd
+        """The client optimizer: SGD, with heavy-ball momentum when ``momentum > 0``."""
+        return optax.sgd(self.lr, momentum=self.momentum or None)
 
     def steps_per_epoch(self, capacity: int) -> int:
         """Minibatch steps per epoch for a client padded to ``capacity`` rows."""
