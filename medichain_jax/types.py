@@ -54,5 +54,6 @@ class ServerState:
     params: PyTree
     opt_state: PyTree
     round: jax.Array
+    algo_state: PyTree = None
     agg_state: PyTree = None
     privacy_state: PyTree = None

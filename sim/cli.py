@@ -8,7 +8,15 @@ from pathlib import Path
 
 from medichain_jax.engine.parallel import STRATEGIES
 from medichain_jax.models import MODELS, NORMS
-from sim.config import ALGORITHMS, DATASETS, SERVER_OPTIMIZERS, ConfigError, RunConfig
+from sim.config import (
+    AGGREGATORS,
+    ALGORITHMS,
+    ATTACKS,
+    DATASETS,
+    SERVER_OPTIMIZERS,
+    ConfigError,
+    RunConfig,
+)
 from sim.devices import use_host_cores
 
 
@@ -27,6 +35,96 @@ def _float(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _add_algorithm_flags(p: argparse.ArgumentParser, d: RunConfig) -> None:
+    g = p.add_argument_group("algorithm and aggregation")
+    g.add_argument("--algorithm", choices=ALGORITHMS, help="federated algorithm (default fedavg)")
+    g.add_argument("--mu", type=_float, help=f"FedProx proximal weight (default {d.mu})")
+    g.add_argument(
+        "--ditto-lambda",
+        type=_float,
+        help=f"Ditto personalization weight (default {d.ditto_lambda})",
+    )
+    g.add_argument(
+        "--finetune-epochs",
+        type=_positive_int,
+        help=f"local fine-tuning epochs for --algorithm finetune (default {d.finetune_epochs})",
+    )
+    g.add_argument(
+        "--aggregator", choices=AGGREGATORS, help="how updates are combined (default mean)"
+    )
+    g.add_argument(
+        "--trim-beta",
+        type=_float,
+        help=f"trimmed-mean fraction cut per side (default {d.trim_beta})",
+    )
+    g.add_argument(
+        "--krum-f",
+        type=_nonneg_int,
+        help="Byzantine hospitals Krum tolerates (default --byzantine or 1)",
+    )
+    g.add_argument(
+        "--multi-krum-m", type=_positive_int, help="updates Multi-Krum averages (default n - f)"
+    )
+    g.add_argument(
+        "--clip-norm", type=_float, help="clip each update to this L2 norm (default off)"
+    )
+    s = p.add_argument_group("simulated hospitals: attacks, stragglers, dropouts, label noise")
+    s.add_argument(
+        "--byzantine", type=_nonneg_int, help="number of Byzantine hospitals (default 0)"
+    )
+    s.add_argument(
+        "--attack", choices=ATTACKS, help=f"what Byzantine hospitals do (default {d.attack})"
+    )
+    s.add_argument(
+        "--attack-scale",
+        type=_float,
+        help="attack strength (default: sign_flip 4, scale 10, gaussian std 1)",
+    )
+    s.add_argument(
+        "--stragglers",
+        type=_float,
+        help="fraction of slow hospitals finishing 10-90%% of their local steps (default 0)",
+    )
+    s.add_argument(
+        "--dropout", type=_float, help="probability a hospital misses a round (default 0)"
+    )
+    s.add_argument("--late-join", type=_nonneg_int, help="hospitals that join late (default 0)")
+    s.add_argument("--join-round", type=_nonneg_int, help="round the late hospitals join at")
+    s.add_argument(
+        "--noisy-hospitals", type=_nonneg_int, help="hospitals with noisy labels (default 0)"
+    )
+    s.add_argument("--label-noise", type=_float, help="label flip probability at those hospitals")
+    c = p.add_argument_group("contribution scores")
+    c.add_argument(
+        "--contribution",
+        action="store_true",
+        help="score each hospital's contribution (leave-one-out and Monte Carlo Shapley)",
+    )
+    c.add_argument(
+        "--contribution-every", type=_positive_int, help="score every k rounds (default 5)"
+    )
+    c.add_argument(
+        "--contribution-utility",
+        choices=("auc", "loss"),
+        help="validation metric a subset's update must improve: 1 - AUC or BCE (default auc)",
+    )
+    c.add_argument(
+        "--shapley-permutations",
+        type=_positive_int,
+        help=f"permutations per scored round (default {d.shapley_permutations})",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,11 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lr", type=_float, help=f"client learning rate (default {d.lr})")
     p.add_argument("--momentum", type=_float, help=f"client SGD momentum (default {d.momentum})")
-    p.add_argument("--server-lr", type=_float, help=f"server learning rate (default {d.server_lr})")
+    p.add_argument(
+        "--server-lr",
+        type=_float,
+        help="server learning rate (default 1 for sgd/momentum, 0.01 adam/yogi, 0.1 adagrad)",
+    )
     p.add_argument(
         "--server-optimizer",
         choices=SERVER_OPTIMIZERS,
-        help="optax server optimizer (default sgd = FedAvg)",
+        help="server optimizer (default: the algorithm's own; sgd = FedAvg)",
+    )
+    p.add_argument(
+        "--server-momentum", type=_float, help=f"FedAvgM momentum (default {d.server_momentum})"
     )
     p.add_argument(
         "--client-fraction",
@@ -93,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", choices=MODELS, help=f"model (default {d.model})")
     p.add_argument("--norm", choices=NORMS, help=f"normalization layer (default {d.norm})")
-    p.add_argument("--algorithm", choices=ALGORITHMS, help="federated algorithm (default fedavg)")
+    _add_algorithm_flags(p, d)
     p.add_argument(
         "--client-parallelism",
         choices=STRATEGIES,
@@ -168,8 +273,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"federated: mean per-hospital AUC {fed['mean']:.4f}, pooled-test AUC {fed['pooled_test']:.4f}"
     )
-    for name in ("local", "pooled"):
+    for name in ("personalized", "local", "pooled"):
         if name in summary:
             print(f"{name + ':':10} mean per-hospital AUC {summary[name]['mean']:.4f}")
+    if summary["rejected_updates"]:
+        print(f"rejected updates (NaN/Inf): {len(summary['rejected_updates'])}, see summary.json")
+    if "contribution" in summary:
+        print(f"contribution (Shapley, best first): {summary['contribution']['shapley_rank']}")
     print(f"results: {out}/ (config.json, metrics.jsonl, summary.json, plots/, checkpoints/)")
     return 0

@@ -11,12 +11,15 @@ from typing import Any
 import yaml
 
 from medichain_jax.engine.parallel import STRATEGIES
+from medichain_jax.fl.aggregators import AGGREGATORS
+from medichain_jax.fl.attacks import ATTACKS
+from medichain_jax.fl.contribution import UTILITIES
+from medichain_jax.fl.registry import ALGORITHMS, SERVER_ALIASES
+from medichain_jax.fl.server_opt import SERVER_OPTIMIZERS
 from medichain_jax.models import MODELS, NORMS
 
 DATASETS = ("phantom",)
-ALGORITHMS = ("fedavg",)
-AGGREGATORS = ("mean",)
-SERVER_OPTIMIZERS = ("sgd", "momentum", "adam")
+__all__ = ["AGGREGATORS", "ALGORITHMS", "ATTACKS", "DATASETS", "SERVER_OPTIMIZERS", "RunConfig"]
 
 
 class ConfigError(ValueError):
@@ -34,8 +37,9 @@ class RunConfig:
     batch_size: int = 32
     lr: float = 0.05
     momentum: float = 0.0
-    server_lr: float = 1.0
-    server_optimizer: str = "sgd"
+    server_lr: float | None = None
+    server_optimizer: str | None = None
+    server_momentum: float = 0.9
     client_fraction: float = 1.0
     seed: int = 0
     non_iid: bool = False
@@ -47,7 +51,27 @@ class RunConfig:
     model: str = "cnn"
     norm: str = "group"
     algorithm: str = "fedavg"
+    mu: float = 0.01
+    ditto_lambda: float = 0.1
+    finetune_epochs: int = 1
     aggregator: str = "mean"
+    trim_beta: float = 0.2
+    krum_f: int | None = None
+    multi_krum_m: int | None = None
+    clip_norm: float | None = None
+    byzantine: int = 0
+    attack: str = "sign_flip"
+    attack_scale: float | None = None
+    stragglers: float = 0.0
+    dropout: float = 0.0
+    late_join: int = 0
+    join_round: int = 0
+    noisy_hospitals: int = 0
+    label_noise: float = 0.0
+    contribution: bool = False
+    contribution_every: int = 5
+    shapley_permutations: int = 8
+    contribution_utility: str = "auc"
     client_parallelism: str = "auto"
     chunk: int = 4
     devices: int | None = None
@@ -148,12 +172,19 @@ def _check(c: RunConfig) -> None:
     need(c.batch_size >= 1, "batch_size", "must be >= 1")
     need(c.lr > 0, "lr", "must be > 0")
     need(0 <= c.momentum < 1, "momentum", "must be in [0, 1)")
-    need(c.server_lr > 0, "server_lr", "must be > 0")
+    need(c.server_lr is None or c.server_lr > 0, "server_lr", "must be > 0")
     need(
-        c.server_optimizer in SERVER_OPTIMIZERS,
+        c.server_optimizer is None or c.server_optimizer in SERVER_OPTIMIZERS,
         "server_optimizer",
         f"must be one of {SERVER_OPTIMIZERS}",
     )
+    alias = SERVER_ALIASES.get(c.algorithm)
+    need(
+        alias is None or c.server_optimizer in (None, alias),
+        "server_optimizer",
+        f"is fixed to {alias!r} by algorithm {c.algorithm!r}",
+    )
+    need(0 <= c.server_momentum < 1, "server_momentum", "must be in [0, 1)")
     need(0 < c.client_fraction <= 1, "client_fraction", "must be in (0, 1]")
     need(c.seed >= 0, "seed", "must be >= 0")
     need(c.alpha > 0, "alpha", "must be > 0")
@@ -165,6 +196,29 @@ def _check(c: RunConfig) -> None:
     need(c.norm in NORMS, "norm", f"must be one of {NORMS}")
     need(c.algorithm in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}")
     need(c.aggregator in AGGREGATORS, "aggregator", f"must be one of {AGGREGATORS}")
+    need(c.mu >= 0, "mu", "must be >= 0")
+    need(c.ditto_lambda >= 0, "ditto_lambda", "must be >= 0")
+    need(c.finetune_epochs >= 1, "finetune_epochs", "must be >= 1")
+    need(0 <= c.trim_beta < 0.5, "trim_beta", "must be in [0, 0.5)")
+    need(c.krum_f is None or c.krum_f >= 0, "krum_f", "must be >= 0")
+    need(c.multi_krum_m is None or c.multi_krum_m >= 1, "multi_krum_m", "must be >= 1")
+    need(c.clip_norm is None or c.clip_norm > 0, "clip_norm", "must be > 0")
+    need(0 <= c.byzantine <= c.hospitals, "byzantine", "must be in [0, hospitals]")
+    need(c.attack in ATTACKS, "attack", f"must be one of {ATTACKS}")
+    need(
+        c.attack_scale is None or 0 <= c.attack_scale < float("inf"),
+        "attack_scale",
+        "must be a finite number >= 0",
+    )
+    need(0 <= c.stragglers <= 1, "stragglers", "must be a fraction in [0, 1]")
+    need(0 <= c.dropout < 1, "dropout", "must be a probability in [0, 1)")
+    need(0 <= c.late_join <= c.hospitals, "late_join", "must be in [0, hospitals]")
+    need(0 <= c.join_round < c.rounds, "join_round", "must be in [0, rounds)")
+    need(0 <= c.noisy_hospitals <= c.hospitals, "noisy_hospitals", "must be in [0, hospitals]")
+    need(0 <= c.label_noise <= 1, "label_noise", "must be a probability in [0, 1]")
+    need(c.contribution_every >= 1, "contribution_every", "must be >= 1")
+    need(c.shapley_permutations >= 1, "shapley_permutations", "must be >= 1")
+    need(c.contribution_utility in UTILITIES, "contribution_utility", f"must be one of {UTILITIES}")
     need(c.client_parallelism in STRATEGIES, "client_parallelism", f"must be one of {STRATEGIES}")
     need(c.chunk >= 1, "chunk", "must be >= 1")
     need(c.devices is None or c.devices >= 1, "devices", "must be >= 1")

@@ -17,19 +17,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from medichain_jax import rng
-from medichain_jax.data.federation import Federation, make_phantom_federation
+from medichain_jax.data.federation import Federation, make_phantom_federation, with_label_noise
 from medichain_jax.engine.parallel import Parallelism, resolve
 from medichain_jax.engine.round import build_round, client_mesh, replicate
+from medichain_jax.engine.system import NO_DEADLINE, SystemModel, make_system
 from medichain_jax.fl.aggregators import get_aggregator
 from medichain_jax.fl.algorithm import Algorithm
 from medichain_jax.fl.baselines import matched_epochs, pool_clients, train_local_only, train_pooled
 from medichain_jax.fl.client import TrainHParams
-from medichain_jax.fl.fedavg import fedavg
+from medichain_jax.fl.contribution import round_contributions
+from medichain_jax.fl.registry import AlgorithmOptions, get_algorithm
 from medichain_jax.metrics import evaluate
 from medichain_jax.models import FunctionalModel, get_model
 from sim.checkpoint import Checkpoints
@@ -52,20 +53,17 @@ class Experiment:
     mesh: Mesh | None
     round_fn: Callable
     eval_fn: Callable
+    system: SystemModel | None = None
+    noisy: np.ndarray | None = None
+    personal_eval_fn: Callable | None = None
+    contribution_fn: Callable | None = None
+    validation: Any = None
 
 
-def server_optimizer(config: RunConfig) -> optax.GradientTransformation:
-    """The optax transformation the server applies to the mean update."""
-    if config.server_optimizer == "sgd":
-        return optax.sgd(config.server_lr)
-    if config.server_optimizer == "momentum":
-        return optax.sgd(config.server_lr, momentum=0.9)
-    return optax.adam(config.server_lr)
-
-
-def build_federation(config: RunConfig) -> Federation:
-    """The dataset named by the config, split into hospitals."""
-    return make_phantom_federation(
+def build_federation(config: RunConfig) -> tuple[Federation, np.ndarray]:
+    """The dataset named by the config, split into hospitals, with label noise added to
+    ``noisy_hospitals`` of them; returns it and the noisy-hospital mask."""
+    fed = make_phantom_federation(
         seed=config.seed,
         num_hospitals=config.hospitals,
         non_iid=config.non_iid,
@@ -75,11 +73,62 @@ def build_federation(config: RunConfig) -> Federation:
         image_size=config.image_size,
         scanner_shift=config.scanner_shift,
     )
+    noisy = np.zeros(config.hospitals, bool)
+    if config.noisy_hospitals and config.label_noise > 0:
+        key = rng.stream(config.seed, rng.LABEL_NOISE)
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 0), config.hospitals))
+        noisy[order[: config.noisy_hospitals]] = True
+        train, _ = with_label_noise(
+            fed.train, noisy, config.label_noise, jax.random.fold_in(key, 1)
+        )
+        fed = dataclasses.replace(fed, train=train)
+    return fed, noisy
+
+
+def build_system(config: RunConfig, fed: Federation) -> SystemModel | None:
+    """The simulated Byzantine / straggler / dropout / late-join behaviour, or None."""
+    if not (config.byzantine or config.stragglers or config.dropout or config.late_join):
+        return None
+    planned = config.local_epochs * -(-np.asarray(fed.train_sizes) // config.batch_size)
+    return make_system(
+        config.seed,
+        planned,
+        byzantine=config.byzantine,
+        attack=config.attack,
+        attack_scale=config.attack_scale,
+        stragglers=config.stragglers,
+        dropout=config.dropout,
+        late_join=config.late_join,
+        join_round=config.join_round,
+    )
+
+
+def algorithm_options(config: RunConfig) -> AlgorithmOptions:
+    """The config's algorithm knobs."""
+    return AlgorithmOptions(
+        server_optimizer=config.server_optimizer,
+        server_lr=config.server_lr,
+        server_momentum=config.server_momentum,
+        mu=config.mu,
+        ditto_lambda=config.ditto_lambda,
+        finetune_epochs=config.finetune_epochs,
+    )
+
+
+def validation_set(config: RunConfig, fed: Federation, max_rows: int = 256):
+    """A fixed sample of the pooled test rows: the utility set of contribution scores."""
+    pooled = pool_clients(fed.test)
+    n = int(pooled.num_examples)
+    keep = np.sort(np.asarray(jax.random.permutation(rng.stream(config.seed, rng.CONTRIBUTION), n)))
+    keep = keep[: min(n, max_rows)]
+    return pooled.replace(
+        x=jnp.asarray(pooled.x[keep]), y=jnp.asarray(pooled.y[keep]), num_examples=len(keep)
+    )
 
 
 def build(config: RunConfig) -> Experiment:
     """Data, model, algorithm and the jitted round / eval functions for ``config``."""
-    fed = build_federation(config)
+    fed, noisy = build_federation(config)
     model = get_model(
         config.model,
         in_channels=fed.train.x.shape[-1],
@@ -94,7 +143,16 @@ def build(config: RunConfig) -> Experiment:
         lr=config.lr,
         momentum=config.momentum,
     )
-    algorithm = fedavg(hp, server_optimizer(config))
+    algorithm = get_algorithm(
+        config.algorithm, hp, num_clients=config.hospitals, options=algorithm_options(config)
+    )
+    aggregator = get_aggregator(
+        config.aggregator,
+        trim_beta=config.trim_beta,
+        krum_f=config.krum_f if config.krum_f is not None else max(1, config.byzantine),
+        multi_krum_m=config.multi_krum_m,
+    )
+    system = build_system(config, fed)
     parallelism = resolve(config.client_parallelism, chunk=config.chunk)
     mesh = client_mesh(min(config.devices or len(jax.devices()), config.cohort_size))
     # every device reads the hospitals it is given from its own copy
@@ -105,12 +163,65 @@ def build(config: RunConfig) -> Experiment:
             config.hospitals,
             config.cohort_size,
             parallelism,
-            get_aggregator(config.aggregator),
+            aggregator,
             mesh,
+            system=system,
+            clip_norm=config.clip_norm,
+            return_updates=config.contribution,
         )
     )
     eval_fn = jax.jit(lambda variables, data: evaluate(model, variables, data))
-    return Experiment(config, fed, model, hp, algorithm, parallelism, mesh, round_fn, eval_fn)
+    personal_eval_fn = None
+    if algorithm.personalize is not None:
+
+        def personal_eval(message, train, test, client_states, key):
+            keys = jax.vmap(lambda c: jax.random.fold_in(key, c))(jnp.arange(config.hospitals))
+            own = jax.lax.map(
+                lambda a: algorithm.personalize(message, a[0], a[1], a[2]),
+                (train, keys, client_states),
+            )
+            return evaluate(model, own, test, per_client_vars=True)
+
+        personal_eval_fn = jax.jit(personal_eval)
+    contribution_fn, validation = None, None
+    if config.contribution:
+        validation = validation_set(config, fed)
+        contribution_fn = jax.jit(
+            lambda gv, upd, w, val, key: round_contributions(
+                model,
+                gv,
+                jax.vmap(algorithm.model_delta)(upd),
+                w,
+                val,
+                key,
+                permutations=config.shapley_permutations,
+                utility=config.contribution_utility,
+            )
+        )
+    return Experiment(
+        config,
+        fed,
+        model,
+        hp,
+        algorithm,
+        parallelism,
+        mesh,
+        round_fn,
+        eval_fn,
+        system,
+        noisy,
+        personal_eval_fn,
+        contribution_fn,
+        validation,
+    )
+
+
+def initial_client_states(algorithm: Algorithm, variables: Any, num_clients: int) -> Any:
+    """Every hospital's starting client state (``None`` for stateless algorithms)."""
+    if algorithm.client_init is None:
+        return None
+    one = algorithm.client_init(variables)
+    return jax.tree.map(lambda a: jnp.array(jnp.broadcast_to(a, (num_clients, *a.shape))), one)
 
 
 def param_bytes(tree: Any) -> int:
@@ -167,15 +278,17 @@ def run(
     fed = exp.federation
     seed = jnp.asarray(config.seed, jnp.uint32)
 
-    state = exp.algorithm.init(exp.model.init(rng.stream(config.seed, rng.INIT)))
-    client_states = None
+    init_vars = exp.model.init(rng.stream(config.seed, rng.INIT))
+    state = exp.algorithm.init(init_vars)
+    client_states = initial_client_states(exp.algorithm, init_vars, config.hospitals)
     ckpt = Checkpoints(workdir / "checkpoints")
     log = MetricsLog(workdir / "metrics.jsonl")
     start = 0
     history: list[dict[str, Any]] = []
     if resume and ckpt.latest() is not None:
         start = ckpt.latest()
-        state = ckpt.restore(start, state)
+        saved = ckpt.restore(start, {"server": state, "clients": client_states or {}})
+        state, client_states = saved["server"], saved["clients"] or None
         history = log.truncate(start)
     elif resume:
         print(f"no checkpoint in {workdir}/checkpoints; starting from round 0", file=sys.stderr)
@@ -196,32 +309,45 @@ def run(
     compile_s = None
     for rnd in range(start, last):
         t0 = time.perf_counter()
-        state, client_states, info = exp.round_fn(state, fed.train, client_states, seed)
+        before = state.params
+        state, client_states, info = exp.round_fn(
+            state, fed.train, replicate(client_states, exp.mesh), seed
+        )
         jax.block_until_ready(state)
         round_s = time.perf_counter() - t0
         if compile_s is None:
             compile_s = round_s
-        weights = np.asarray(info.weights)
-        losses = np.asarray(info.metrics["loss"])
-        record: dict[str, Any] = {
-            "round": rnd + 1,
-            "train_loss": float(np.sum(weights * losses) / max(weights.sum(), 1.0)),
-            "cohort": np.asarray(info.cohort).tolist(),
-            "client_steps": np.asarray(info.metrics["steps"]).astype(int).tolist(),
-            "bytes_up": msg_bytes * len(weights),
-            "bytes_down": msg_bytes * len(weights),
-            "seconds": round_s,
-        }
-        if (rnd + 1) % config.eval_every == 0 or rnd + 1 == config.rounds:
-            ev = exp.eval_fn(jax.device_put(state.params, jax.devices()[0]), fed.test)
-            record.update(_eval_record(ev))
+        record = _round_record(exp, rnd, info, msg_bytes, round_s)
+        for hospital in record["rejected"]:
+            bar.write(f"round {rnd + 1}: rejected the update of hospital {hospital} (NaN/Inf)")
+        final = rnd + 1 == config.rounds
+        if (rnd + 1) % config.eval_every == 0 or final:
+            host_params = jax.device_put(state.params, jax.devices()[0])
+            record.update(_eval_record(exp.eval_fn(host_params, fed.test)))
+            if exp.personal_eval_fn is not None and (final or not exp.algorithm.personalize_trains):
+                key = rng.round_key(config.seed, rng.PERSONAL, rnd)
+                ev = exp.personal_eval_fn(
+                    exp.algorithm.broadcast(state), fed.train, fed.test, client_states, key
+                )
+                record["personalized"] = _eval_record(ev)
+        if exp.contribution_fn is not None and (
+            (rnd + 1) % config.contribution_every == 0 or final
+        ):
+            key = rng.round_key(config.seed, rng.CONTRIBUTION, rnd)
+            scores = exp.contribution_fn(before, info.updates, info.weights, exp.validation, key)
+            cohort = record["cohort"]
+            record["contribution"] = {
+                name: dict(zip(map(str, cohort), np.asarray(scores[name]).tolist(), strict=True))
+                for name in ("loo", "shapley")
+            }
         log.append(record)
         history.append(record)
         if (rnd + 1) % config.checkpoint_every == 0 or rnd + 1 == last:
-            ckpt.save(rnd + 1, state)
+            ckpt.save(rnd + 1, {"server": state, "clients": client_states or {}})
         post = {"loss": f"{record['train_loss']:.3f}"}
         if "global" in record:
-            post["auc"] = f"{record['global']['auc']:.3f}"
+            shown = record.get("personalized", record)
+            post["auc"] = f"{shown['global']['auc']:.3f}"
         bar.set_postfix(post)
         bar.update(1)
     bar.close()
@@ -245,12 +371,88 @@ def run(
     return summary
 
 
+def _round_record(exp: Experiment, rnd: int, info, msg_bytes: int, seconds: float) -> dict:
+    weights = np.asarray(info.weights)
+    losses = np.asarray(info.metrics["loss"])
+    cohort = np.asarray(info.cohort)
+    ok = weights > 0
+    sent = np.asarray(info.metrics["active"])
+    train_loss = float(np.sum(np.where(ok, weights * losses, 0.0)) / max(weights.sum(), 1.0))
+    return {
+        "round": rnd + 1,
+        "train_loss": train_loss,
+        "cohort": cohort.tolist(),
+        "client_steps": np.asarray(info.metrics["steps"]).astype(int).tolist(),
+        "absent": cohort[~sent].tolist(),
+        "rejected": cohort[np.asarray(info.metrics["rejected"])].tolist(),
+        "bytes_up": msg_bytes * int(sent.sum()),
+        "bytes_down": msg_bytes * len(cohort),
+        "seconds": seconds,
+    }
+
+
+def _hospital_ids(mask: np.ndarray | None) -> list[int]:
+    return [] if mask is None else np.flatnonzero(mask).tolist()
+
+
+def _system_summary(exp: Experiment) -> dict[str, Any]:
+    cfg, system = exp.config, exp.system
+    out: dict[str, Any] = {"noisy_hospitals": _hospital_ids(exp.noisy)}
+    if cfg.noisy_hospitals:
+        out["label_noise"] = cfg.label_noise
+    if system is not None:
+        out.update(
+            byzantine=_hospital_ids(system.byzantine),
+            attack=system.attack,
+            attack_scale=system.attack_scale,
+            stragglers={
+                str(i): int(system.max_steps[i])
+                for i in np.flatnonzero(system.max_steps < NO_DEADLINE)
+            },
+            late_joiners=_hospital_ids(system.join_round > 0),
+            join_round=cfg.join_round,
+            dropout=system.dropout,
+        )
+    return out
+
+
+_UTILITY_NAMES = {"auc": "1 - AUC", "loss": "BCE"}
+
+
+def _contribution_summary(exp: Experiment, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-hospital LOO and Shapley scores summed over the scored rounds."""
+    n = exp.config.hospitals
+    totals = {"loo": np.zeros(n), "shapley": np.zeros(n)}
+    rounds = []
+    for record in history:
+        if "contribution" not in record:
+            continue
+        rounds.append(record["round"])
+        for name, per in record["contribution"].items():
+            for hospital, value in per.items():
+                totals[name][int(hospital)] += value
+    order = np.argsort(-totals["shapley"], kind="stable")
+    return {
+        "utility": f"decrease of validation {_UTILITY_NAMES[exp.config.contribution_utility]} "
+        "when the subset's mean update is applied (one-round reconstruction, Song et al. 2019), "
+        "summed over scored rounds",
+        "validation_rows": int(exp.validation.num_examples),
+        "rounds": rounds,
+        "permutations": exp.config.shapley_permutations,
+        "loo": totals["loo"].tolist(),
+        "shapley": totals["shapley"].tolist(),
+        "shapley_rank": order.tolist(),
+    }
+
+
 def _summarize(exp: Experiment, state, history: list[dict[str, Any]]) -> dict[str, Any]:
     cfg, fed = exp.config, exp.federation
     final = history[-1]
-    return {
+    summary = {
         "metric": "auc",
         "run_id": cfg.run_id(),
+        "algorithm": cfg.algorithm,
+        "aggregator": cfg.aggregator,
         "rounds": cfg.rounds,
         "backend": jax.default_backend(),
         "client_parallelism": dataclasses.asdict(exp.parallelism),
@@ -265,28 +467,34 @@ def _summarize(exp: Experiment, state, history: list[dict[str, Any]]) -> dict[st
             }
             for i in range(fed.num_hospitals)
         ],
-        "federated": {
-            "mean": final["global"]["auc"],
-            "per_hospital": final["per_hospital"]["auc"],
-            "pooled_test": final["global"]["pooled"]["auc"],
-            "accuracy_mean": final["global"]["accuracy"],
-            "loss_mean": final["global"]["loss"],
-        },
+        "federated": _model_block(final),
+        "system": _system_summary(exp),
+        "rejected_updates": [
+            {"round": r["round"], "hospital": h, "reason": "non-finite update (NaN/Inf)"}
+            for r in history
+            for h in r["rejected"]
+        ],
         "bytes_total": int(sum(r["bytes_up"] + r["bytes_down"] for r in history)),
     }
+    if "personalized" in final:
+        summary["personalized"] = _model_block(final["personalized"])
+    if exp.contribution_fn is not None:
+        summary["contribution"] = _contribution_summary(exp, history)
+    return summary
 
 
-def _baseline_block(ev: dict[str, Any], seconds: float, epochs: int) -> dict[str, Any]:
-    rec = _eval_record(ev)
+def _model_block(rec: dict[str, Any]) -> dict[str, Any]:
     return {
         "mean": rec["global"]["auc"],
         "per_hospital": rec["per_hospital"]["auc"],
         "pooled_test": rec["global"]["pooled"]["auc"],
         "accuracy_mean": rec["global"]["accuracy"],
         "loss_mean": rec["global"]["loss"],
-        "epochs": epochs,
-        "seconds": seconds,
     }
+
+
+def _baseline_block(ev: dict[str, Any], seconds: float, epochs: int) -> dict[str, Any]:
+    return {**_model_block(_eval_record(ev)), "epochs": epochs, "seconds": seconds}
 
 
 def _run_baselines(exp: Experiment, progress: bool) -> dict[str, Any]:

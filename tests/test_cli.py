@@ -20,6 +20,15 @@ from sim.config import RunConfig
         (["--client-parallelism", "pmap"], "invalid choice"),
         (["--hopsitals", "3"], "unrecognized arguments"),
         (["--image-size", "30"], "image_size must be a multiple of 8"),
+        (["--algorithm", "fedsgd"], "invalid choice"),
+        (["--aggregator", "mode"], "invalid choice"),
+        (["--attack", "backdoor"], "invalid choice"),
+        (["--algorithm", "fedadam", "--server-optimizer", "sgd"], "server_optimizer is fixed"),
+        (["--trim-beta", "0.5"], "trim_beta must be in [0, 0.5)"),
+        (["--hospitals", "5", "--byzantine", "6"], "byzantine must be in [0, hospitals]"),
+        (["--dropout", "1"], "dropout must be a probability"),
+        (["--rounds", "5", "--join-round", "5"], "join_round must be in [0, rounds)"),
+        (["--attack-scale", "inf"], "attack_scale must be a finite number >= 0"),
     ],
 )
 def test_bad_flags_rejected_clearly(argv, needle, capsys):
@@ -29,6 +38,52 @@ def test_bad_flags_rejected_clearly(argv, needle, capsys):
     err = capsys.readouterr().err
     assert needle in err
     assert "Traceback" not in err
+
+
+def test_algorithm_flags_reach_the_config():
+    cfg, _ = parse(
+        [
+            "--algorithm",
+            "scaffold",
+            "--aggregator",
+            "trimmed_mean",
+            "--trim-beta",
+            "0.1",
+            "--byzantine",
+            "2",
+            "--attack",
+            "label_flip",
+            "--stragglers",
+            "0.25",
+            "--dropout",
+            "0.1",
+            "--late-join",
+            "3",
+            "--join-round",
+            "4",
+            "--noisy-hospitals",
+            "1",
+            "--label-noise",
+            "0.3",
+            "--contribution",
+            "--clip-norm",
+            "5",
+        ]
+    )
+    assert (cfg.algorithm, cfg.aggregator, cfg.trim_beta, cfg.byzantine) == (
+        "scaffold",
+        "trimmed_mean",
+        0.1,
+        2,
+    )
+    assert (cfg.attack, cfg.stragglers, cfg.dropout, cfg.late_join, cfg.join_round) == (
+        "label_flip",
+        0.25,
+        0.1,
+        3,
+        4,
+    )
+    assert cfg.contribution and cfg.clip_norm == 5.0 and cfg.label_noise == 0.3
 
 
 def test_config_file_and_flag_override(tmp_path):

@@ -88,3 +88,21 @@ def test_dirichlet_partition_too_few_examples() -> None:
     """Asking for more than the data allows raises."""
     with pytest.raises(ValueError):
         dirichlet_partition(0, np.zeros(5, int), 4, 1.0, min_per_client=2)
+
+
+def test_label_noise_flips_only_noisy_hospitals_real_rows():
+    import jax
+
+    from medichain_jax.data.federation import with_label_noise
+    from tests.conftest import make_clients
+
+    data = make_clients([200, 150, 0], capacity=200)
+    noisy = np.array([True, False, True])
+    out, flipped = with_label_noise(data, noisy, 0.3, jax.random.key(0))
+    changed = np.asarray(out.y != data.y)[..., 0]
+    assert changed[1].sum() == 0 and changed[2].sum() == 0
+    assert not changed[0, 200:].any()
+    assert 0.2 < changed[0].mean() < 0.4 and flipped.tolist() == [changed[0].sum(), 0, 0]
+    np.testing.assert_array_equal(np.asarray(out.y)[changed], 1 - np.asarray(data.y)[changed])
+    with pytest.raises(ValueError, match="label noise rate"):
+        with_label_noise(data, noisy, 1.5, jax.random.key(0))

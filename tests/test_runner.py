@@ -34,10 +34,14 @@ def lines(path):
 def final_params(path, cfg):
     from medichain_jax import rng
     from sim.checkpoint import Checkpoints
-    from sim.runner import build
+    from sim.runner import build, initial_client_states
 
     exp = build(cfg)
-    like = exp.algorithm.init(exp.model.init(rng.stream(cfg.seed, rng.INIT)))
+    init = exp.model.init(rng.stream(cfg.seed, rng.INIT))
+    like = {
+        "server": exp.algorithm.init(init),
+        "clients": initial_client_states(exp.algorithm, init, cfg.hospitals) or {},
+    }
     ck = Checkpoints(path / "checkpoints")
     state = ck.restore(ck.latest(), like)
     ck.close()
@@ -61,8 +65,17 @@ def test_run_writes_files_and_is_deterministic(tmp_path):
     assert s1["federated"]["per_hospital"] == recs[-1]["per_hospital"]["auc"]
 
 
-def test_stop_and_resume_equals_uninterrupted(tmp_path):
-    cfg = RunConfig(**TINY, client_fraction=0.67)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"algorithm": "scaffold", "dropout": 0.3, "stragglers": 0.5},
+        {"algorithm": "ditto", "contribution": True, "contribution_every": 1},
+    ],
+    ids=["fedavg", "scaffold-dropout", "ditto-contribution"],
+)
+def test_stop_and_resume_equals_uninterrupted(tmp_path, extra):
+    cfg = RunConfig(**TINY, client_fraction=0.67, **extra)
     run(cfg, tmp_path / "full", progress=False, plots=False)
     out = run(cfg, tmp_path / "part", progress=False, stop_after=2)
     assert out == {"stopped_after": 2}
@@ -91,3 +104,39 @@ def test_small_baselines_run(tmp_path):
         assert len(s[name]["per_hospital"]) == 3
     assert s["local"]["epochs"] == 2 and s["pooled"]["epochs"] == 2
     assert (tmp_path / "plots" / "baselines.png").exists()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+def test_nonfinite_updates_are_rejected_and_reported(tmp_path):
+    # a Byzantine hospital whose "gaussian" update overflows float32 sends Inf
+    cfg = RunConfig(**{**TINY, "rounds": 2}, byzantine=1, attack="gaussian", attack_scale=1e39)
+    s = run(cfg, tmp_path, progress=False, plots=False)
+    bad = s["system"]["byzantine"]
+    assert len(bad) == 1
+    assert s["rejected_updates"] == [
+        {"round": r, "hospital": bad[0], "reason": "non-finite update (NaN/Inf)"} for r in (1, 2)
+    ]
+    assert all(np.isfinite(s["federated"]["per_hospital"]))
+    assert lines(tmp_path)[0]["rejected"] == bad
+
+
+def test_personalized_eval_and_contribution_scores(tmp_path):
+    cfg = RunConfig(
+        **{**TINY, "rounds": 2},
+        algorithm="fedbn",
+        norm="batch",
+        contribution=True,
+        contribution_every=1,
+        noisy_hospitals=1,
+        label_noise=0.5,
+    )
+    s = run(cfg, tmp_path, progress=False, plots=False)
+    assert len(s["personalized"]["per_hospital"]) == 3
+    assert s["personalized"]["per_hospital"] != s["federated"]["per_hospital"]
+    c = s["contribution"]
+    assert c["rounds"] == [1, 2] and len(c["shapley"]) == len(c["loo"]) == 3
+    assert sorted(c["shapley_rank"]) == [0, 1, 2]
+    assert len(s["system"]["noisy_hospitals"]) == 1
+    rec = lines(tmp_path)[-1]
+    assert set(rec["contribution"]["shapley"]) == {"0", "1", "2"}
+    assert "personalized" in rec

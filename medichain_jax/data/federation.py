@@ -139,3 +139,18 @@ def make_phantom_federation(
         test_pos_rate=test_pos / test_size,
         name=f"phantom-{kind}-{n_h}h-seed{seed}",
     )
+
+
+def with_label_noise(
+    data: ClientData, noisy: np.ndarray, rate: float, key: jax.Array
+) -> tuple[ClientData, np.ndarray]:
+    """Flip each training label of the ``noisy`` hospitals (``[N]`` bool) with probability
+    ``rate`` (symmetric label noise, e.g. an unreliable annotation pipeline). Returns the new
+    data and the number of flipped labels per hospital."""
+    if not 0 <= rate <= 1:
+        raise ValueError(f"label noise rate must be in [0, 1], got {rate}")
+    noisy = np.asarray(noisy, bool)
+    u = jax.random.uniform(key, data.y.shape)
+    flip = (u < rate) & jnp.asarray(noisy)[:, None, None] & data.mask()[..., None]
+    y = jnp.where(flip, 1.0 - data.y, data.y)
+    return data.replace(y=y), np.asarray(flip.any(axis=-1).sum(axis=-1))

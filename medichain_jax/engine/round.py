@@ -13,19 +13,27 @@ from jax.sharding import PartitionSpec as P
 
 from medichain_jax import rng
 from medichain_jax.engine.parallel import Parallelism, run_cohort
+from medichain_jax.engine.system import SystemModel, active_clients
 from medichain_jax.fl.aggregators import Aggregator, finalize_mean, weighted_mean
 from medichain_jax.fl.algorithm import Algorithm
-from medichain_jax.types import ClientData, PyTree, ServerState
+from medichain_jax.fl.attacks import poison_data, poison_update
+from medichain_jax.fl.update_checks import clip_by_global_norm, tree_all_finite
+from medichain_jax.types import ClientData, ClientOutput, PyTree, ServerState
 
 AXIS = "clients"
 
 
 class RoundInfo(NamedTuple):
-    """Per-round outputs besides the new server state (all ``[cohort]`` arrays)."""
+    """Per-round outputs besides the new server state (all ``[cohort]`` arrays).
+
+    ``metrics`` holds each client's training metrics plus ``active`` (took part) and
+    ``rejected`` (its update held NaN/Inf and was excluded); ``updates`` is the stacked cohort
+    updates when the round was built with ``return_updates``."""
 
     cohort: jax.Array
     weights: jax.Array
     metrics: dict[str, jax.Array]
+    updates: PyTree = None
 
 
 def sample_cohort(seed: int | jax.Array, rnd: jax.Array, num_clients: int, cohort_size: int):
@@ -36,6 +44,46 @@ def sample_cohort(seed: int | jax.Array, rnd: jax.Array, num_clients: int, cohor
     return jnp.sort(jax.random.choice(key, num_clients, (cohort_size,), replace=False))
 
 
+def guarded_client_fn(
+    algorithm: Algorithm,
+    message: PyTree,
+    system: SystemModel | None,
+    clip_norm: float | None,
+) -> Callable:
+    """One client's work inside the round, with the simulation's masks and the update checks:
+    inactive hospitals train on zero examples (a no-op), Byzantine ones are attacked, updates
+    are norm-clipped, and an update holding NaN/Inf gets weight 0 and a zero update (never
+    averaged in, by any aggregator). A hospital that did not contribute keeps its old state."""
+
+    def client_fn(data: ClientData, key: jax.Array, packed):
+        state, sysc = packed
+        data = data.replace(num_examples=jnp.where(sysc["active"], data.num_examples, 0))
+        attack = "none" if system is None else system.attack
+        data = poison_data(data, sysc["byzantine"], attack)
+        max_steps = None if system is None else sysc["max_steps"]
+        out = algorithm.client_update(message, data, key, state, max_steps)
+        update = out.update
+        if attack != "none":
+            update = poison_update(update, sysc["byzantine"], key, attack, system.attack_scale)
+        if clip_norm is not None:
+            update = clip_by_global_norm(update, clip_norm)
+        finite = tree_all_finite(update) & jnp.isfinite(out.weight)
+        ok = finite & (out.weight > 0)
+        update = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), update)
+        new_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old), out.state, state)
+        metrics = dict(out.metrics)
+        metrics["active"] = sysc["active"] & (data.num_examples > 0)
+        metrics["rejected"] = ~finite
+        return ClientOutput(
+            update=update,
+            weight=jnp.where(ok, out.weight, 0.0),
+            metrics=metrics,
+            state=new_state,
+        )
+
+    return client_fn
+
+
 def build_round(
     algorithm: Algorithm,
     num_clients: int,
@@ -43,26 +91,35 @@ def build_round(
     parallelism: Parallelism,
     aggregator: Aggregator = weighted_mean,
     mesh: Mesh | None = None,
+    *,
+    system: SystemModel | None = None,
+    clip_norm: float | None = None,
+    return_updates: bool = False,
 ) -> Callable[[ServerState, ClientData, PyTree, jax.Array], tuple[ServerState, PyTree, RoundInfo]]:
     """Return a pure ``round_fn(state, data, client_states, seed) -> (state, client_states, info)``.
 
     ``data`` holds every registered hospital (leading axis ``num_clients``) and
     ``client_states`` their persistent per-client state (``None`` for stateless algorithms).
     With a ``mesh`` (one axis named ``clients``) the cohort is split over its devices, each runs
-    ``parallelism`` on its share, and partial sums meet in a ``psum``. Jit it once; it never
-    recompiles across rounds.
+    ``parallelism`` on its share, and partial sums meet in a ``psum``. ``system`` simulates
+    Byzantine hospitals, stragglers, dropouts and late joiners; ``clip_norm`` bounds each
+    update's L2 norm. Jit it once; it never recompiles across rounds.
     """
     if not 1 <= cohort_size <= num_clients:
         raise ValueError(f"cohort size must be in [1, {num_clients}], got {cohort_size}")
+    if clip_norm is not None and clip_norm <= 0:
+        raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+    if system is not None and len(system.byzantine) != num_clients:
+        raise ValueError(
+            f"system model describes {len(system.byzantine)} hospitals, expected {num_clients}"
+        )
     n_dev = 1 if mesh is None else int(mesh.devices.size)
     padded = -(-cohort_size // n_dev) * n_dev
-    keep = not aggregator.linear
+    keep = return_updates or not aggregator.linear
 
-    def cohort_clients(params, d, keys, states):
-        def client_fn(di, key, st):
-            return algorithm.client_update(params, di, key, st)
-
-        res = run_cohort(client_fn, d, keys, states, parallelism, keep_updates=keep)
+    def cohort_clients(message, d, keys, packed):
+        client_fn = guarded_client_fn(algorithm, message, system, clip_norm)
+        res = run_cohort(client_fn, d, keys, packed, parallelism, keep_updates=keep)
         usum, wsum = res.update_sum, res.weight_sum
         if mesh is not None:
             usum, wsum = jax.lax.psum((usum, wsum), AXIS)
@@ -88,19 +145,34 @@ def build_round(
         d = take(data)
         d = d.replace(num_examples=jnp.where(real, d.num_examples, 0))
         keys = jax.vmap(lambda c: rng.client_key(seed, state.round, c))(idx)
+        if system is None:
+            sysc = {
+                "active": jnp.ones((padded,), bool),
+                "byzantine": jnp.zeros((padded,), bool),
+                "max_steps": jnp.zeros((padded,), jnp.int32),
+            }
+        else:
+            sysc = {
+                "active": active_clients(system, seed, state.round, idx),
+                "byzantine": jnp.asarray(system.byzantine)[idx],
+                "max_steps": jnp.asarray(system.max_steps)[idx],
+            }
         usum, wsum, updates, weights, metrics, states = cohort_clients(
-            state.params, d, keys, take(client_states)
+            algorithm.broadcast(state), d, keys, (take(client_states), sysc)
         )
         cut = lambda t: jax.tree.map(lambda a: a[:cohort_size], t)  # noqa: E731
         weights, metrics, states = cut(weights), cut(metrics), cut(states)
+        updates = cut(updates) if keep else None
         if aggregator.linear:
             update = finalize_mean(usum, wsum)
         else:
-            update = aggregator.aggregate(cut(updates), weights)
-        new_state = algorithm.server_update(state, update)
+            update = aggregator.aggregate(updates, weights)
+        participants = jnp.sum(weights > 0).astype(jnp.float32)
+        new_state = algorithm.server_update(state, update, participants)
         if client_states is not None:
             client_states = jax.tree.map(lambda a, s: a.at[cohort].set(s), client_states, states)
-        return new_state, client_states, RoundInfo(cohort, weights, metrics)
+        info = RoundInfo(cohort, weights, metrics, updates if return_updates else None)
+        return new_state, client_states, info
 
     return round_fn
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,8 @@ class TrainHParams:
     lr: float = 0.05
     momentum: float = 0.0
     unroll: int = 1
+    prox_mu: float = 0.0
+    loss: Callable[[jax.Array, jax.Array, jax.Array], jax.Array] | None = None
 
     def optimizer(self) -> optax.GradientTransformation:
         """The client optimizer: SGD, with heavy-ball momentum when ``momentum > 0``."""
@@ -33,6 +36,12 @@ class TrainHParams:
     def steps_per_epoch(self, capacity: int) -> int:
         """Minibatch steps per epoch for a client padded to ``capacity`` rows."""
         return max(1, math.ceil(capacity / self.batch_size))
+
+
+def masked_mse(preds: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of ``0.5 * (pred - target)^2`` over the real rows (regression; quadratic tests)."""
+    per_row = 0.5 * jnp.square(preds - targets).sum(axis=-1)
+    return jnp.sum(per_row * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def masked_bce(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
@@ -46,7 +55,8 @@ def batch_loss(
 ) -> tuple[jax.Array, PyTree]:
     """Training loss of one minibatch and the updated normalization statistics."""
     logits, new_vars = hp.model.apply({"params": params, "stats": stats}, x, train=True, mask=mask)
-    return masked_bce(logits, y, mask), new_vars["stats"]
+    loss = hp.loss or masked_bce
+    return loss(logits, y, mask), new_vars["stats"]
 
 
 def shuffled_order(key: jax.Array, num_examples: jax.Array, capacity: int) -> jax.Array:
@@ -65,13 +75,23 @@ def local_train(
     data: ClientData,
     key: jax.Array,
     hp: TrainHParams,
+    *,
+    anchor: PyTree | None = None,
+    grad_offset: PyTree | None = None,
+    max_steps: jax.Array | int | None = None,
 ) -> tuple[Variables, dict[str, jax.Array]]:
     """Train one hospital's copy of the model for ``hp.epochs`` epochs of minibatch SGD.
 
     Epochs are a ``lax.scan`` over minibatches; each epoch reshuffles from
     ``fold_in(key, epoch)``. Steps past the client's ``num_examples`` are skipped
-    (``lax.cond``), so padding never changes a result. Returns the new variables and
-    ``{"loss": mean minibatch loss, "steps": optimizer steps taken}``.
+    (``lax.cond``), so padding never changes a result. Optional pieces used by the algorithms:
+
+    * ``hp.prox_mu``: proximal term ``mu/2 ||params - anchor||^2`` (FedProx, Ditto);
+      ``anchor`` defaults to the starting params;
+    * ``grad_offset``: added to every gradient (SCAFFOLD's ``c - c_i`` correction);
+    * ``max_steps``: stop after this many optimizer steps (a straggler's deadline).
+
+    Returns the new variables and ``{"loss": mean minibatch loss, "steps": steps taken}``.
     """
     capacity = data.capacity
     bsz = hp.batch_size
@@ -79,23 +99,30 @@ def local_train(
     n = jnp.asarray(data.num_examples, jnp.int32)
     tx = hp.optimizer()
     grad_fn = jax.value_and_grad(functools.partial(batch_loss, hp), has_aux=True)
+    anchor = variables["params"] if anchor is None else anchor
+    limit = jnp.iinfo(jnp.int32).max if max_steps is None else jnp.asarray(max_steps, jnp.int32)
 
     def sgd_step(carry, idx, mask):
         params, stats, opt_state = carry
         x = jnp.take(data.x, idx, axis=0)
         y = jnp.take(data.y, idx, axis=0)
         (value, new_stats), grads = grad_fn(params, stats, x, y, mask)
+        if hp.prox_mu:
+            grads = jax.tree.map(lambda g, p, a: g + hp.prox_mu * (p - a), grads, params, anchor)
+        if grad_offset is not None:
+            grads = jax.tree.map(jnp.add, grads, grad_offset)
         updates, opt_state = tx.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), new_stats, opt_state), value
 
     def epoch(carry, e):
+        done = e * ((n + bsz - 1) // bsz)  # real steps of earlier epochs (before any deadline)
         order = shuffled_order(jax.random.fold_in(key, e), n, capacity)
         order = jnp.pad(order, (0, steps * bsz - capacity)).reshape(steps, bsz)
 
         def step(carry, s):
             pos = s * bsz + jnp.arange(bsz)
             mask = pos < n
-            active = s * bsz < n
+            active = (s * bsz < n) & (done + s < limit)
             carry, value = jax.lax.cond(
                 active,
                 lambda c: sgd_step(c, order[s], mask),

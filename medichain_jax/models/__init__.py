@@ -6,8 +6,9 @@ import functools
 
 from medichain_jax.models.cnn import NORMS, SmallCNN
 from medichain_jax.models.functional import FunctionalModel, Variables
+from medichain_jax.models.linear import Linear
 
-MODELS = ("cnn", "cnn-wide")
+MODELS = ("cnn", "cnn-wide", "linear")
 
 
 def get_model(
@@ -18,11 +19,17 @@ def get_model(
     image_size: int = 64,
     norm: str = "group",
 ) -> FunctionalModel:
-    """Build a registered model by name (``cnn``: 8/16 channels; ``cnn-wide``: 16/32)."""
+    """Build a registered model by name (``cnn``: 8/16 channels; ``cnn-wide``: 16/32;
+    ``linear``: logistic regression on the pixels, with a bias, no normalization)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose from {NORMS}")
+    if name == "linear":
+        build = functools.partial(
+            Linear, image_size * image_size * in_channels, num_outputs, use_bias=True
+        )
+        return FunctionalModel(name="linear", build=build)
     channels = (8, 16) if name == "cnn" else (16, 32)
     hidden = 32 if name == "cnn" else 64
     build = functools.partial(

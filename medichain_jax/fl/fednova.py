@@ -1,0 +1,65 @@
+"""FedNova (Wang et al. 2020, "Tackling the Objective Inconsistency Problem in Heterogeneous
+Federated Optimization"): normalized averaging for unequal local step counts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from medichain_jax.fl.algorithm import Algorithm, apply_pseudo_gradient, example_weight, init_server
+from medichain_jax.fl.client import TrainHParams, local_train
+from medichain_jax.models import Variables
+from medichain_jax.types import ClientData, ClientOutput, PyTree, ServerState
+
+
+def normalizer(steps: jax.Array, momentum: float) -> jax.Array:
+    """``||a_i||_1`` of Wang et al. for local SGD with heavy-ball ``momentum`` rho:
+    ``(tau - rho (1 - rho^tau) / (1 - rho)) / (1 - rho)``; equals ``tau`` for plain SGD."""
+    tau = jnp.asarray(steps, jnp.float32)
+    if not momentum:
+        return tau
+    rho = momentum
+    return (tau - rho * (1 - rho**tau) / (1 - rho)) / (1 - rho)
+
+
+def fednova(hp: TrainHParams, server_optimizer: optax.GradientTransformation | None = None):
+    """FedNova: hospital i sends ``d_i = (x - y_i) / ||a_i||_1`` and ``||a_i||_1``; the server
+    steps by ``tau_eff * sum_i p_i d_i`` with ``tau_eff = sum_i p_i ||a_i||_1`` (p_i: example
+    weights). Equal step counts reduce it to FedAvg."""
+    tx = server_optimizer if server_optimizer is not None else optax.sgd(1.0)
+
+    def init(variables: Variables) -> ServerState:
+        return init_server(tx, variables)
+
+    def client_update(
+        global_vars: Variables,
+        data: ClientData,
+        key: jax.Array,
+        client_state: PyTree = None,
+        max_steps: jax.Array | None = None,
+    ) -> ClientOutput:
+        local, metrics = local_train(global_vars, data, key, hp, max_steps=max_steps)
+        a = normalizer(metrics["steps"], hp.momentum)
+        inv = jnp.where(a > 0, 1.0 / jnp.maximum(a, 1e-12), 0.0)
+        d = jax.tree.map(lambda g, y: (g - y) * inv, global_vars["params"], local["params"])
+        stats = jax.tree.map(jnp.subtract, global_vars["stats"], local["stats"])
+        return ClientOutput(
+            update={"params": d, "stats": stats, "tau": a},
+            weight=example_weight(data),
+            metrics=metrics,
+            state=client_state,
+        )
+
+    def model_delta(update: PyTree) -> Variables:
+        tau = update["tau"]
+        return {
+            "params": jax.tree.map(lambda d: d * tau, update["params"]),
+            "stats": update["stats"],
+        }
+
+    def server_update(state: ServerState, update: PyTree, participants=None) -> ServerState:
+        # the mean update carries tau_eff = sum_i p_i ||a_i||_1 and sum_i p_i d_i
+        return apply_pseudo_gradient(tx, state, model_delta(update))
+
+    return Algorithm("fednova", init, client_update, server_update, model_delta=model_delta)

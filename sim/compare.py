@@ -1,0 +1,232 @@
+"""Run a named comparison (several configs that differ from one base) and check its claims.
+
+``python -m sim.compare experiments/<file>.yaml`` runs every entry of ``runs`` (each a set of
+config overrides on ``base``) into ``<out>/<run name>/``, skipping runs whose ``summary.json``
+already exists (``--force`` reruns them), then writes ``<out>/comparison.json``,
+``comparison.md`` and ``comparison.png`` and prints each claim as PASS or FAIL.
+
+A claim compares two values: ``{left: <run>.<metric>, op: "<" | "<=" | ">" | ">=",
+right: <run>.<metric> or a number, plus: <number added to right>}``. Metrics are dotted
+paths into ``summary.json`` (``federated.mean``, ``personalized.mean``) or the derived
+contribution metrics ``contribution.noisy_max_shapley`` / ``clean_min_shapley`` / ... .
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from sim.config import ConfigError, RunConfig
+from sim.devices import use_host_cores
+from sim.results import write_json
+
+OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+
+
+class ExperimentError(ValueError):
+    """The experiment file is malformed; the message names the file and field."""
+
+
+def load_experiment(path: Path) -> dict[str, Any]:
+    """Read and validate an experiment file (configs are validated before anything runs)."""
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ExperimentError(f"cannot read experiment file {path}: {err}") from err
+    if not isinstance(spec, dict) or not isinstance(spec.get("runs"), dict) or not spec["runs"]:
+        raise ExperimentError(f"{path}: needs a non-empty 'runs' mapping")
+    base = spec.get("base") or {}
+    spec["configs"] = {}
+    for name, overrides in spec["runs"].items():
+        try:
+            spec["configs"][name] = RunConfig.from_dict(
+                {**base, **(overrides or {})}, source=f"{path}: runs.{name}"
+            )
+        except ConfigError as err:
+            msg = str(err)
+            if not msg.startswith(str(path)):
+                msg = f"{path}: runs.{name}: {msg}"
+            raise ExperimentError(msg) from err
+    for i, claim in enumerate(spec.get("claims") or []):
+        if claim.get("op") not in OPS or "left" not in claim or "right" not in claim:
+            raise ExperimentError(f"{path}: claims[{i}] needs left, op in {list(OPS)}, right")
+    spec.setdefault("out", f"results/experiments/{path.stem}")
+    return spec
+
+
+def derived(summary: dict[str, Any]) -> dict[str, Any]:
+    """Contribution metrics that separate noisy / Byzantine hospitals from clean ones."""
+    contrib = summary.get("contribution")
+    if not contrib:
+        return {}
+    system = summary.get("system", {})
+    suspect = set(system.get("noisy_hospitals", [])) | set(system.get("byzantine", []))
+    shapley, loo = np.array(contrib["shapley"]), np.array(contrib["loo"])
+    clean = np.array([i not in suspect for i in range(len(shapley))])
+    out = {}
+    for name, scores in (("shapley", shapley), ("loo", loo)):
+        if suspect and clean.any():
+            out[f"noisy_max_{name}"] = float(scores[~clean].max())
+            out[f"clean_min_{name}"] = float(scores[clean].min())
+            out[f"clean_median_{name}"] = float(np.median(scores[clean]))
+    return out
+
+
+def metric(results: dict[str, dict], ref: Any) -> float:
+    """Resolve ``<run>.<dotted.path>`` (or a number) against the finished runs."""
+    if isinstance(ref, int | float):
+        return float(ref)
+    run, _, path = str(ref).partition(".")
+    if run not in results:
+        raise ExperimentError(f"claim refers to unknown run {run!r}")
+    value: Any = results[run]
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ExperimentError(f"run {run!r} has no metric {path!r}")
+        value = value[part]
+    return float(value)
+
+
+def check_claims(spec: dict[str, Any], results: dict[str, dict]) -> list[dict[str, Any]]:
+    """Evaluate every claim; returns them with their values and ``passed``."""
+    checked = []
+    for claim in spec.get("claims") or []:
+        left = metric(results, claim["left"])
+        right = metric(results, claim["right"]) + float(claim.get("plus", 0.0))
+        checked.append(
+            {
+                **claim,
+                "left_value": left,
+                "right_value": right,
+                "passed": bool(OPS[claim["op"]](left, right)),
+            }
+        )
+    return checked
+
+
+def _table(spec: dict[str, Any], results: dict[str, dict], claims: list[dict]) -> str:
+    lines = [f"# {spec.get('name', 'comparison')}", "", spec.get("description", "").strip(), ""]
+    lines += [
+        "| run | federated AUC | personalized AUC | pooled-test AUC | rejected | time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in results.items():
+        pers = s.get("personalized", {}).get("mean")
+        lines.append(
+            f"| {name} | {s['federated']['mean']:.4f} | "
+            f"{'-' if pers is None else f'{pers:.4f}'} | {s['federated']['pooled_test']:.4f} | "
+            f"{len(s.get('rejected_updates', []))} | {s['timing']['total_s']:.0f} |"
+        )
+    if claims:
+        lines += ["", "| claim | left | right | result |", "|---|---|---|---|"]
+        for c in claims:
+            rhs = f"{c['right']}" + (f" {c['plus']:+g}" if c.get("plus") else "")
+            lines.append(
+                f"| {c['left']} {c['op']} {rhs} | {c['left_value']:.4f} | "
+                f"{c['right_value']:.4f} | {'PASS' if c['passed'] else 'FAIL'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    fed = [results[n]["federated"]["mean"] for n in names]
+    pers = [results[n].get("personalized", {}).get("mean", np.nan) for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    x = np.arange(len(names))
+    ax.bar(x - 0.2, fed, 0.4, label="global model")
+    ax.bar(x + 0.2, pers, 0.4, label="personalized")
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("mean per-hospital AUC")
+    ax.set_ylim(0.4, 1.0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_experiment(spec: dict[str, Any], *, force: bool = False, progress: bool = True) -> dict:
+    """Run (or reuse) every run of ``spec``; write and return the comparison."""
+    from sim.runner import run
+
+    out = Path(spec["out"])
+    results: dict[str, dict] = {}
+    for name, config in spec["configs"].items():
+        workdir = out / name
+        done = workdir / "summary.json"
+        if done.exists() and not force:
+            summary = json.loads(done.read_text())
+            if summary.get("run_id") == config.run_id():
+                print(f"[{name}] done already ({done})", file=sys.stderr)
+                results[name] = {
+                    **summary,
+                    "contribution": {**summary.get("contribution", {}), **derived(summary)},
+                }
+                continue
+        print(f"[{name}] running {config.run_id()} -> {workdir}", file=sys.stderr)
+        t0 = time.perf_counter()
+        summary = run(config, workdir, progress=progress)
+        print(f"[{name}] {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        results[name] = {
+            **summary,
+            "contribution": {**summary.get("contribution", {}), **derived(summary)},
+        }
+    claims = check_claims(spec, results)
+    table = {
+        name: {
+            "federated_auc": s["federated"]["mean"],
+            "personalized_auc": s.get("personalized", {}).get("mean"),
+            "pooled_test_auc": s["federated"]["pooled_test"],
+            "rejected_updates": len(s.get("rejected_updates", [])),
+            "total_s": s["timing"]["total_s"],
+            "config": f"{name}/config.json",
+            **{f"contribution.{k}": v for k, v in derived(s).items()},
+        }
+        for name, s in results.items()
+    }
+    comparison = {
+        "name": spec.get("name"),
+        "command": spec.get("command"),
+        "runs": table,
+        "claims": claims,
+    }
+    write_json(out / "comparison.json", comparison)
+    (out / "comparison.md").write_text(_table(spec, results, claims))
+    _plot(results, out / "comparison.png")
+    return comparison
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m sim.compare``."""
+    use_host_cores()
+    p = argparse.ArgumentParser(prog="python -m sim.compare", description=__doc__.split("\n")[0])
+    p.add_argument("experiment", type=Path, help="experiments/<name>.yaml")
+    p.add_argument("--force", action="store_true", help="rerun runs that already finished")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    try:
+        spec = load_experiment(args.experiment)
+        spec["command"] = f"python -m sim.compare {args.experiment}"
+        comparison = run_experiment(spec, force=args.force, progress=not args.no_progress)
+    except ExperimentError as err:
+        p.error(str(err))
+    print((Path(spec["out"]) / "comparison.md").read_text())
+    failed = [c for c in comparison["claims"] if not c["passed"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""`python -m sim.compare`: experiment files, claims, derived contribution metrics, reuse."""
+
+import json
+
+import pytest
+
+from sim.compare import ExperimentError, check_claims, derived, load_experiment, run_experiment
+
+TINY = (
+    "base: {hospitals: 3, rounds: 1, train_per_hospital: 16, test_per_hospital: 8, "
+    "image_size: 16, batch_size: 8}\n"
+)
+
+
+def test_bad_experiment_files_name_the_field(tmp_path):
+    f = tmp_path / "e.yaml"
+    f.write_text(TINY + "runs: {a: {aggregator: mode}}\n")
+    with pytest.raises(ExperimentError, match=r"runs\.a.*aggregator"):
+        load_experiment(f)
+    f.write_text(TINY)
+    with pytest.raises(ExperimentError, match="non-empty 'runs'"):
+        load_experiment(f)
+    f.write_text(TINY + "runs: {a: {}}\nclaims: [{left: a.x, op: '!=', right: 1}]\n")
+    with pytest.raises(ExperimentError, match="claims"):
+        load_experiment(f)
+
+
+def test_claims_and_derived_metrics():
+    summary = {
+        "federated": {"mean": 0.8},
+        "system": {"noisy_hospitals": [2]},
+        "contribution": {"shapley": [0.3, 0.2, -0.1, 0.25], "loo": [0.1, 0.0, -0.2, 0.05]},
+    }
+    d = derived(summary)
+    assert d["noisy_max_shapley"] == -0.1 and d["clean_min_shapley"] == 0.2
+    assert d["clean_median_loo"] == 0.05
+    results = {
+        "a": {**summary, "contribution": {**summary["contribution"], **d}},
+        "b": {"federated": {"mean": 0.7}},
+    }
+    spec = {
+        "claims": [
+            {"left": "b.federated.mean", "op": ">=", "right": "a.federated.mean", "plus": -0.05},
+            {
+                "left": "a.contribution.noisy_max_shapley",
+                "op": "<",
+                "right": "a.contribution.clean_min_shapley",
+            },
+        ]
+    }
+    claims = check_claims(spec, results)
+    assert [c["passed"] for c in claims] == [False, True]
+    with pytest.raises(ExperimentError, match="unknown run"):
+        check_claims({"claims": [{"left": "z.federated.mean", "op": "<", "right": 1}]}, results)
+
+
+def test_tiny_experiment_runs_then_reuses_finished_runs(tmp_path, capsys):
+    f = tmp_path / "tiny.yaml"
+    out = tmp_path / "out"
+    f.write_text(
+        TINY + f"out: {out}\nruns: {{mean: {{}}, median: {{aggregator: median}}}}\n"
+        "claims: [{left: median.federated.mean, op: '>=', right: 0.0}]\n"
+    )
+    spec = load_experiment(f)
+    first = run_experiment(spec, progress=False)
+    assert set(first["runs"]) == {"mean", "median"} and first["claims"][0]["passed"]
+    for name in ("comparison.json", "comparison.md", "comparison.png"):
+        assert (out / name).exists()
+    capsys.readouterr()
+    second = run_experiment(spec, progress=False)
+    assert "done already" in capsys.readouterr().err
+    assert (
+        json.loads(json.dumps(second["runs"]["mean"]["federated_auc"]))
+        == first["runs"]["mean"]["federated_auc"]
+    )
