@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from medichain_jax.engine.parallel import STRATEGIES
+from medichain_jax.fl.contribution import UTILITIES
 from medichain_jax.models import MODELS, NORMS
 from sim.config import (
     AGGREGATORS,
@@ -117,13 +118,14 @@ def _add_algorithm_flags(p: argparse.ArgumentParser, d: RunConfig) -> None:
     )
     c.add_argument(
         "--contribution-utility",
-        choices=("auc", "loss"),
-        help="validation metric a subset's update must improve: 1 - AUC or BCE (default auc)",
+        choices=UTILITIES,
+        help="validation metric a subset's update must improve: BCE or 1 - AUC (default loss)",
     )
     c.add_argument(
         "--shapley-permutations",
         type=_positive_int,
-        help=f"permutations per scored round (default {d.shapley_permutations})",
+        help="permutations per scored round, rounded up to a multiple of the number of "
+        f"hospitals (stratified: each at each position equally often; default {d.shapley_permutations})",
     )
 
 
@@ -210,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"clients per vmapped chunk for 'chunked' (default {d.chunk})",
     )
     p.add_argument(
+        "--devices",
+        type=_positive_int,
+        help="devices the cohort is split over (default all; on CPU one per core)",
+    )
+    p.add_argument(
         "--baselines",
         action="store_true",
         help="also train pooled and local-only models (FLamby protocol)",
@@ -279,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary["rejected_updates"]:
         print(f"rejected updates (NaN/Inf): {len(summary['rejected_updates'])}, see summary.json")
     if "contribution" in summary:
-        print(f"contribution (Shapley, best first): {summary['contribution']['shapley_rank']}")
+        rank = summary["contribution"]["shapley_rank"]
+        print(f"contribution (median per-round Shapley, best first): {rank}")
     print(f"results: {out}/ (config.json, metrics.jsonl, summary.json, plots/, checkpoints/)")
     return 0

@@ -28,6 +28,7 @@ from sim.config import ConfigError, RunConfig
 from sim.devices import use_host_cores
 from sim.results import write_json
 
+RANKED = ("shapley", "loo", "shapley_median", "loo_median")  # contribution scores compared
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
 
@@ -69,11 +70,11 @@ def derived(summary: dict[str, Any]) -> dict[str, Any]:
         return {}
     system = summary.get("system", {})
     suspect = set(system.get("noisy_hospitals", [])) | set(system.get("byzantine", []))
-    shapley, loo = np.array(contrib["shapley"]), np.array(contrib["loo"])
-    clean = np.array([i not in suspect for i in range(len(shapley))])
+    clean = np.array([i not in suspect for i in range(len(contrib["shapley"]))])
     out = {}
-    for name, scores in (("shapley", shapley), ("loo", loo)):
-        if suspect and clean.any():
+    for name in RANKED:
+        scores = np.array(contrib.get(name, []))
+        if suspect and clean.any() and len(scores) == len(clean):
             out[f"noisy_max_{name}"] = float(scores[~clean].max())
             out[f"clean_min_{name}"] = float(scores[clean].min())
             out[f"clean_median_{name}"] = float(np.median(scores[clean]))
@@ -112,6 +113,14 @@ def check_claims(spec: dict[str, Any], results: dict[str, dict]) -> list[dict[st
     return checked
 
 
+def _ranks(scores: list[float]) -> list[int]:
+    """1-based rank of each score, highest first."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    ranks = np.empty(len(order), int)
+    ranks[order] = np.arange(1, len(order) + 1)
+    return ranks.tolist()
+
+
 def _table(spec: dict[str, Any], results: dict[str, dict], claims: list[dict]) -> str:
     lines = [f"# {spec.get('name', 'comparison')}", "", spec.get("description", "").strip(), ""]
     lines += [
@@ -125,6 +134,29 @@ def _table(spec: dict[str, Any], results: dict[str, dict], claims: list[dict]) -
             f"{'-' if pers is None else f'{pers:.4f}'} | {s['federated']['pooled_test']:.4f} | "
             f"{len(s.get('rejected_updates', []))} | {s['timing']['total_s']:.0f} |"
         )
+    contrib = {n: s for n, s in results.items() if s.get("contribution")}
+    if contrib:
+        lines += [
+            "",
+            "| run | noisy / Byzantine hospitals | Shapley rank: median, sum | LOO rank: median, sum |",
+            "|---|---|---|---|",
+        ]
+        for name, s in contrib.items():
+            system = s.get("system", {})
+            suspect = sorted(
+                set(system.get("noisy_hospitals", [])) | set(system.get("byzantine", []))
+            )
+            m = len(s["contribution"]["shapley"])
+            ranks = {k: _ranks(v) for k, v in s["contribution"].items() if k in RANKED}
+            cells = [
+                "; ".join(
+                    f"{ranks[k + '_median'][i] if k + '_median' in ranks else '-'}, "
+                    f"{ranks[k][i]} of {m}"
+                    for i in suspect
+                )
+                for k in ("shapley", "loo")
+            ]
+            lines.append(f"| {name} | {suspect} | {cells[0]} | {cells[1]} |")
     if claims:
         lines += ["", "| claim | left | right | result |", "|---|---|---|---|"]
         for c in claims:
@@ -147,12 +179,18 @@ def _plot(results: dict[str, dict], path: Path) -> None:
     pers = [results[n].get("personalized", {}).get("mean", np.nan) for n in names]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
     x = np.arange(len(names))
-    ax.bar(x - 0.2, fed, 0.4, label="global model")
-    ax.bar(x + 0.2, pers, 0.4, label="personalized")
+    has_pers = not np.all(np.isnan(pers))
+    width = 0.4 if has_pers else 0.6
+    bars = [(ax.bar(x - (0.2 if has_pers else 0.0), fed, width, label="global model"), fed)]
+    if has_pers:
+        bars.append((ax.bar(x + 0.2, pers, width, label="personalized"), pers))
+    for b, vals in bars:
+        ax.bar_label(b, labels=[f"{v:.3f}" if np.isfinite(v) else "" for v in vals], fontsize=7)
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel("mean per-hospital AUC")
     ax.set_ylim(0.4, 1.0)
-    ax.legend()
+    if has_pers:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -71,7 +71,7 @@ class RunConfig:
     contribution: bool = False
     contribution_every: int = 5
     shapley_permutations: int = 8
-    contribution_utility: str = "auc"
+    contribution_utility: str = "loss"
     client_parallelism: str = "auto"
     chunk: int = 4
     devices: int | None = None

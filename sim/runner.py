@@ -26,7 +26,7 @@ from medichain_jax.engine.parallel import Parallelism, resolve
 from medichain_jax.engine.round import build_round, client_mesh, replicate
 from medichain_jax.engine.system import NO_DEADLINE, SystemModel, make_system
 from medichain_jax.fl.aggregators import get_aggregator
-from medichain_jax.fl.algorithm import Algorithm
+from medichain_jax.fl.algorithm import Algorithm, initial_client_states
 from medichain_jax.fl.baselines import matched_epochs, pool_clients, train_local_only, train_pooled
 from medichain_jax.fl.client import TrainHParams
 from medichain_jax.fl.contribution import round_contributions
@@ -119,8 +119,8 @@ def validation_set(config: RunConfig, fed: Federation, max_rows: int = 256):
     """A fixed sample of the pooled test rows: the utility set of contribution scores."""
     pooled = pool_clients(fed.test)
     n = int(pooled.num_examples)
-    keep = np.sort(np.asarray(jax.random.permutation(rng.stream(config.seed, rng.CONTRIBUTION), n)))
-    keep = keep[: min(n, max_rows)]
+    perm = np.asarray(jax.random.permutation(rng.stream(config.seed, rng.CONTRIBUTION), n))
+    keep = np.sort(perm[: min(n, max_rows)])
     return pooled.replace(
         x=jnp.asarray(pooled.x[keep]), y=jnp.asarray(pooled.y[keep]), num_examples=len(keep)
     )
@@ -214,14 +214,6 @@ def build(config: RunConfig) -> Experiment:
         contribution_fn,
         validation,
     )
-
-
-def initial_client_states(algorithm: Algorithm, variables: Any, num_clients: int) -> Any:
-    """Every hospital's starting client state (``None`` for stateless algorithms)."""
-    if algorithm.client_init is None:
-        return None
-    one = algorithm.client_init(variables)
-    return jax.tree.map(lambda a: jnp.array(jnp.broadcast_to(a, (num_clients, *a.shape))), one)
 
 
 def param_bytes(tree: Any) -> int:
@@ -338,7 +330,7 @@ def run(
             cohort = record["cohort"]
             record["contribution"] = {
                 name: dict(zip(map(str, cohort), np.asarray(scores[name]).tolist(), strict=True))
-                for name in ("loo", "shapley")
+                for name in SCORES
             }
         log.append(record)
         history.append(record)
@@ -416,33 +408,38 @@ def _system_summary(exp: Experiment) -> dict[str, Any]:
     return out
 
 
+SCORES = ("loo", "shapley")
 _UTILITY_NAMES = {"auc": "1 - AUC", "loss": "BCE"}
 
 
 def _contribution_summary(exp: Experiment, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-hospital LOO and Shapley scores summed over the scored rounds."""
+    """Per-hospital LOO and Shapley scores over the scored rounds: their sum, and their median
+    over the rounds the hospital's update was aggregated in (robust to one round's outlier)."""
     n = exp.config.hospitals
-    totals = {"loo": np.zeros(n), "shapley": np.zeros(n)}
+    per_round: dict[str, list[list[float]]] = {name: [[] for _ in range(n)] for name in SCORES}
     rounds = []
     for record in history:
         if "contribution" not in record:
             continue
         rounds.append(record["round"])
+        missing = set(record.get("absent", [])) | set(record.get("rejected", []))
         for name, per in record["contribution"].items():
             for hospital, value in per.items():
-                totals[name][int(hospital)] += value
-    order = np.argsort(-totals["shapley"], kind="stable")
-    return {
+                if int(hospital) not in missing:
+                    per_round[name][int(hospital)].append(value)
+    out: dict[str, Any] = {
         "utility": f"decrease of validation {_UTILITY_NAMES[exp.config.contribution_utility]} "
-        "when the subset's mean update is applied (one-round reconstruction, Song et al. 2019), "
-        "summed over scored rounds",
+        "when the subset's mean update is applied (one-round reconstruction, Song et al. 2019)",
         "validation_rows": int(exp.validation.num_examples),
         "rounds": rounds,
-        "permutations": exp.config.shapley_permutations,
-        "loo": totals["loo"].tolist(),
-        "shapley": totals["shapley"].tolist(),
-        "shapley_rank": order.tolist(),
+        "permutations": -(-exp.config.shapley_permutations // n) * n,  # stratified: rounded up
     }
+    for name, values in per_round.items():
+        out[name] = [float(np.sum(v)) for v in values]  # summed over scored rounds
+        out[f"{name}_median"] = [float(np.median(v)) if v else 0.0 for v in values]
+    out["rounds_scored"] = [len(v) for v in per_round["shapley"]]
+    out["shapley_rank"] = np.argsort(-np.asarray(out["shapley_median"]), kind="stable").tolist()
+    return out
 
 
 def _summarize(exp: Experiment, state, history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -68,6 +68,8 @@ def test_algorithm_flags_reach_the_config():
             "--contribution",
             "--clip-norm",
             "5",
+            "--devices",
+            "2",
         ]
     )
     assert (cfg.algorithm, cfg.aggregator, cfg.trim_beta, cfg.byzantine) == (
@@ -84,6 +86,7 @@ def test_algorithm_flags_reach_the_config():
         4,
     )
     assert cfg.contribution and cfg.clip_norm == 5.0 and cfg.label_noise == 0.3
+    assert cfg.devices == 2
 
 
 def test_config_file_and_flag_override(tmp_path):

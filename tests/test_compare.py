@@ -73,3 +73,25 @@ def test_tiny_experiment_runs_then_reuses_finished_runs(tmp_path, capsys):
         json.loads(json.dumps(second["runs"]["mean"]["federated_auc"]))
         == first["runs"]["mean"]["federated_auc"]
     )
+
+
+def test_table_reports_ranks_of_noisy_hospitals():
+    from sim.compare import _ranks, _table
+
+    assert _ranks([0.3, 0.2, -0.1, 0.25]) == [1, 3, 4, 2]
+    summary = {
+        "federated": {"mean": 0.8, "pooled_test": 0.81},
+        "timing": {"total_s": 3.0},
+        "system": {"noisy_hospitals": [2]},
+        "contribution": {
+            "shapley": [0.3, 0.2, -0.1, 0.25],
+            "loo": [0.1, 0.0, 0.2, 0.05],
+            "shapley_median": [0.1, 0.2, 0.05, 0.3],
+            "loo_median": [0.0, 0.0, 1.0, -1.0],
+        },
+    }
+    text = _table({"name": "x"}, {"a": summary}, [])
+    assert "| a | [2] | 4, 4 of 4 | 1, 1 of 4 |" in text
+    d = derived(summary)
+    assert d["noisy_max_shapley_median"] == 0.05 and d["clean_min_shapley_median"] == 0.1
+    assert d["noisy_max_loo_median"] == 1.0 and d["clean_median_loo_median"] == 0.0

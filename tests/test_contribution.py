@@ -141,3 +141,15 @@ def test_round_contributions_ranks_sign_flipping_client_last(tiny_model, utility
     assert loo[4] == 0.0 and shap[4] == 0.0
     assert shap[3] < min(0.0, shap[:3].min()) and loo[3] < min(0.0, loo[:3].min())
     np.testing.assert_allclose(shap.sum(), out["utility_all"], rtol=1e-4, atol=1e-6)
+
+
+def test_stratified_shapley_is_exact_for_size_only_utilities():
+    """u(S) = f(|S|): every client's Shapley value is (f(m) - f(0)) / m. Stratified permutations
+    put each client at each position once, so m of them give it exactly; random ones do not."""
+    m = 6
+    f = jnp.array([0.0, 5.0, 6.0, 6.5, 6.75, 6.875, 7.0])  # dyadic: exact float sums
+    u = lambda mask: f[jnp.sum(mask)]  # noqa: E731
+    strat = monte_carlo_shapley(u, m, jax.random.key(0), m)
+    np.testing.assert_allclose(strat, np.full(m, 7.0 / m), rtol=1e-6)
+    plain = monte_carlo_shapley(u, m, jax.random.key(0), m, stratified=False)
+    assert np.ptp(np.asarray(plain)) > 0.5

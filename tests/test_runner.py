@@ -33,8 +33,9 @@ def lines(path):
 
 def final_params(path, cfg):
     from medichain_jax import rng
+    from medichain_jax.fl.algorithm import initial_client_states
     from sim.checkpoint import Checkpoints
-    from sim.runner import build, initial_client_states
+    from sim.runner import build
 
     exp = build(cfg)
     init = exp.model.init(rng.stream(cfg.seed, rng.INIT))
@@ -137,6 +138,26 @@ def test_personalized_eval_and_contribution_scores(tmp_path):
     assert c["rounds"] == [1, 2] and len(c["shapley"]) == len(c["loo"]) == 3
     assert sorted(c["shapley_rank"]) == [0, 1, 2]
     assert len(s["system"]["noisy_hospitals"]) == 1
-    rec = lines(tmp_path)[-1]
+    recs = lines(tmp_path)
+    rec = recs[-1]
     assert set(rec["contribution"]["shapley"]) == {"0", "1", "2"}
     assert "personalized" in rec
+    for name in ("shapley", "loo"):  # summary = sum and median of the per-round scores
+        per = np.array([[r["contribution"][name][str(i)] for i in range(3)] for r in recs])
+        np.testing.assert_allclose(c[name], per.sum(0), rtol=1e-6)
+        np.testing.assert_allclose(c[f"{name}_median"], np.median(per, 0), rtol=1e-6)
+    assert c["shapley_rank"] == np.argsort(-np.array(c["shapley_median"]), kind="stable").tolist()
+
+
+def test_contribution_validation_set_samples_every_hospital():
+    from medichain_jax.fl.baselines import pool_clients
+    from sim.runner import build_federation, validation_set
+
+    cfg = RunConfig(**{**TINY, "hospitals": 6, "contribution": True})
+    fed, _ = build_federation(cfg)
+    val = validation_set(cfg, fed, max_rows=24)
+    pooled = pool_clients(fed.test)
+    rows = np.asarray(pooled.x).reshape(pooled.x.shape[0], -1)
+    picked = {int(np.flatnonzero((rows == r).all(1))[0]) for r in np.asarray(val.x).reshape(24, -1)}
+    hospital = {i // 8 for i in picked}  # 8 test rows per hospital, pooled in hospital order
+    assert len(picked) == 24 and len(hospital) >= 4

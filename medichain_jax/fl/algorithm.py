@@ -55,6 +55,14 @@ class Algorithm(NamedTuple):
     model_delta: Callable[[PyTree], Variables] = same_update
 
 
+def initial_client_states(algorithm: Algorithm, variables: Variables, num_clients: int) -> PyTree:
+    """Every hospital's starting client state, stacked (``None`` for stateless algorithms)."""
+    if algorithm.client_init is None:
+        return None
+    one = algorithm.client_init(variables)
+    return jax.tree.map(lambda a: jnp.array(jnp.broadcast_to(a, (num_clients, *a.shape))), one)
+
+
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:
     """``a - b`` leaf by leaf."""
     return jax.tree.map(jnp.subtract, a, b)

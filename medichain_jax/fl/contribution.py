@@ -65,23 +65,37 @@ def monte_carlo_shapley(
     permutations: int,
     present: jax.Array | None = None,
     batch_size: int | None = None,
+    stratified: bool = True,
 ) -> jax.Array:
     """``[m]`` permutation-sampling Shapley estimate (Castro et al. 2009; in FL: Song et al. 2019,
-    GTG-Shapley, Liu et al. 2022); per permutation the scores sum to ``u(N) - u({})``."""
+    GTG-Shapley, Liu et al. 2022); per permutation the scores sum to ``u(N) - u({})``.
+
+    ``stratified``: the permutations are the ``m`` cyclic rotations of ``ceil(permutations / m)``
+    random ones, so every client sits at every position equally often (position-stratified
+    sampling, Maleki et al. 2013); a client's marginal gain depends mostly on how many clients
+    precede it, and this removes that source of variance.
+    """
     m = num_clients
     pres = _present(m, present)
-    perms = jax.vmap(lambda k: jax.random.permutation(k, m))(jax.random.split(key, permutations))
+    if stratified:
+        base = -(-permutations // m)
+        roots = jax.vmap(lambda k: jax.random.permutation(k, m))(jax.random.split(key, base))
+        shifts = (jnp.arange(m)[:, None] + jnp.arange(m)[None, :]) % m  # [rotation, position]
+        perms = roots[:, shifts].reshape(base * m, m)
+    else:
+        perms = jax.vmap(lambda k: jax.random.permutation(k, m))(
+            jax.random.split(key, permutations)
+        )
+    count = perms.shape[0]
     rank = jnp.argsort(perms, axis=1)  # [P, m]: position of client i in permutation p
     prefix = rank[:, None, :] < jnp.arange(m + 1)[None, :, None]  # [P, m+1, m]: first k clients
-    vals = _evaluate(utility, (prefix & pres).reshape(-1, m), batch_size).reshape(
-        permutations, m + 1
-    )
+    vals = _evaluate(utility, (prefix & pres).reshape(-1, m), batch_size).reshape(count, m + 1)
     after = jnp.take_along_axis(vals, rank + 1, axis=1)
     before = jnp.take_along_axis(vals, rank, axis=1)
     return jnp.where(pres, (after - before).mean(axis=0), 0.0)
 
 
-UTILITIES = ("auc", "loss")
+UTILITIES = ("loss", "auc")
 
 
 def validation_loss(model: FunctionalModel, variables: Variables, val: ClientData) -> jax.Array:
@@ -92,7 +106,8 @@ def validation_loss(model: FunctionalModel, variables: Variables, val: ClientDat
 
 def validation_auc_loss(model: FunctionalModel, variables: Variables, val: ClientData) -> jax.Array:
     """``1 - macro ROC AUC`` of ``model`` on one validation set: a loss that ignores calibration,
-    so a hospital whose labels are skewed is not scored as harmful for shifting the bias."""
+    so a hospital whose labels are skewed is not scored as harmful for shifting the bias (nor one
+    whose noisy labels shrink the logits, which can even raise AUC, like label smoothing)."""
     logits, _ = model.apply(variables, val.x, train=False)
     return 1.0 - summarize(logits, val.y, val.mask())["auc"]
 
@@ -106,7 +121,7 @@ def round_contributions(
     key: jax.Array,
     permutations: int = 8,
     batch_size: int = 16,
-    utility: str = "auc",
+    utility: str = "loss",
 ) -> dict[str, jax.Array]:
     """LOO and Shapley scores of one round; a subset's utility is how much applying its averaged
     update lowers the validation loss (``loss``: BCE; ``auc``: 1 - AUC) (one-round
