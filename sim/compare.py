@@ -60,6 +60,7 @@ def load_experiment(path: Path) -> dict[str, Any]:
         if claim.get("op") not in OPS or "left" not in claim or "right" not in claim:
             raise ExperimentError(f"{path}: claims[{i}] needs left, op in {list(OPS)}, right")
     spec.setdefault("out", f"results/experiments/{path.stem}")
+    spec.setdefault("command", f"python -m sim.compare {path.as_posix()}")
     return spec
 
 
@@ -123,6 +124,8 @@ def _ranks(scores: list[float]) -> list[int]:
 
 def _table(spec: dict[str, Any], results: dict[str, dict], claims: list[dict]) -> str:
     lines = [f"# {spec.get('name', 'comparison')}", "", spec.get("description", "").strip(), ""]
+    if spec.get("command"):
+        lines += [f"Reproduce: `{spec['command']}`", ""]
     lines += [
         "| run | federated AUC | personalized AUC | pooled-test AUC | rejected | time (s) |",
         "|---|---|---|---|---|---|",

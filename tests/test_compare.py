@@ -66,6 +66,10 @@ def test_tiny_experiment_runs_then_reuses_finished_runs(tmp_path, capsys):
     assert set(first["runs"]) == {"mean", "median"} and first["claims"][0]["passed"]
     for name in ("comparison.json", "comparison.md", "comparison.png"):
         assert (out / name).exists()
+    assert (
+        f"Reproduce: `python -m sim.compare {f.as_posix()}`" in (out / "comparison.md").read_text()
+    )
+    assert first["command"] == f"python -m sim.compare {f.as_posix()}"
     capsys.readouterr()
     second = run_experiment(spec, progress=False)
     assert "done already" in capsys.readouterr().err
