@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from medichain_jax.fl.algorithm import Algorithm, apply_pseudo_gradient, example_weight, init_server
+from medichain_jax.fl.algorithm import Algorithm, example_weight
 from medichain_jax.fl.client import TrainHParams, local_train
+from medichain_jax.fl.fedavg import fedavg
 from medichain_jax.models import Variables
 from medichain_jax.types import ClientData, ClientOutput, PyTree, ServerState
 
@@ -23,14 +24,13 @@ def normalizer(steps: jax.Array, momentum: float) -> jax.Array:
     return (tau - rho * (1 - rho**tau) / (1 - rho)) / (1 - rho)
 
 
-def fednova(hp: TrainHParams, server_optimizer: optax.GradientTransformation | None = None):
+def fednova(
+    hp: TrainHParams, server_optimizer: optax.GradientTransformation | None = None
+) -> Algorithm:
     """FedNova: hospital i sends ``d_i = (x - y_i) / ||a_i||_1`` and ``||a_i||_1``; the server
     steps by ``tau_eff * sum_i p_i d_i`` with ``tau_eff = sum_i p_i ||a_i||_1`` (p_i: example
     weights). Equal step counts reduce it to FedAvg."""
-    tx = server_optimizer if server_optimizer is not None else optax.sgd(1.0)
-
-    def init(variables: Variables) -> ServerState:
-        return init_server(tx, variables)
+    base = fedavg(hp, server_optimizer, name="fednova")
 
     def client_update(
         global_vars: Variables,
@@ -60,6 +60,8 @@ def fednova(hp: TrainHParams, server_optimizer: optax.GradientTransformation | N
 
     def server_update(state: ServerState, update: PyTree, participants=None) -> ServerState:
         # the mean update carries tau_eff = sum_i p_i ||a_i||_1 and sum_i p_i d_i
-        return apply_pseudo_gradient(tx, state, model_delta(update))
+        return base.server_update(state, model_delta(update), participants)
 
-    return Algorithm("fednova", init, client_update, server_update, model_delta=model_delta)
+    return base._replace(
+        client_update=client_update, server_update=server_update, model_delta=model_delta
+    )
