@@ -1,6 +1,8 @@
 """LIDC XML annotations: parsing, masks rebuilt against hand-drawn ground truth, nodule matching
 across readers, consensus masks, and clear errors for malformed files."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -8,6 +10,7 @@ from medichain_jax.data.lidc_xml import (
     LidcXmlError,
     Roi,
     consensus_mask,
+    find_annotations,
     match_nodules,
     nodule_mask,
     parse_lidc_xml,
@@ -188,3 +191,15 @@ def test_malformed_annotations_name_file_and_element(tmp_path, body, needle):
     path.write_text("<LidcReadMessage><unclosed>")
     with pytest.raises(LidcXmlError, match="cannot parse XML"):
         parse_lidc_xml(path)
+
+
+def test_find_annotations_by_series_uid(xml_file, tmp_path):
+    sub = tmp_path / "LIDC-IDRI-0002" / "x"
+    sub.mkdir(parents=True)
+    (sub / "broken.xml").write_text("<LidcReadMessage")
+    (sub / "noheader.xml").write_text('<LidcReadMessage xmlns="http://www.nih.gov"/>')
+    found, bad = find_annotations(tmp_path)
+    assert found == {"9.9.9": [str(xml_file)]}
+    reasons = {Path(p).name: r for p, r in bad}
+    assert "cannot parse XML" in reasons["broken.xml"]
+    assert reasons["noheader.xml"] == "no SeriesInstanceUid in ResponseHeader"

@@ -164,6 +164,24 @@ def parse_lidc_xml(path: str | Path) -> LidcAnnotations:
     return LidcAnnotations(path, series_uid, tuple(nodules), tuple(non_nodules), tuple(readers))
 
 
+def find_annotations(root: str | Path) -> tuple[dict[str, list[str]], list[tuple[str, str]]]:
+    """Every LIDC XML file under ``root`` by the SeriesInstanceUid of its header, and the
+    ``(path, reason)`` of XML files that are not usable LIDC read messages."""
+    found: dict[str, list[str]] = {}
+    bad: list[tuple[str, str]] = []
+    for path in sorted(Path(root).rglob("*.xml")):
+        try:
+            ann = parse_lidc_xml(path)
+        except LidcXmlError as err:
+            bad.append((str(path), str(err)))
+            continue
+        if ann.series_uid is None:
+            bad.append((str(path), "no SeriesInstanceUid in ResponseHeader"))
+            continue
+        found.setdefault(ann.series_uid, []).append(str(path))
+    return found, bad
+
+
 def _inside(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Pixels whose centre is strictly inside the closed polygon (even-odd rule)."""
     h, w = shape
