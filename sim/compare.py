@@ -82,6 +82,11 @@ def derived(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _with_derived(summary: dict[str, Any]) -> dict[str, Any]:
+    """``summary`` with the derived contribution metrics merged into its ``contribution``."""
+    return {**summary, "contribution": {**summary.get("contribution", {}), **derived(summary)}}
+
+
 def metric(results: dict[str, dict], ref: Any) -> float:
     """Resolve ``<run>.<dotted.path>`` (or a number) against the finished runs."""
     if isinstance(ref, int | float):
@@ -212,19 +217,13 @@ def run_experiment(spec: dict[str, Any], *, force: bool = False, progress: bool 
             summary = json.loads(done.read_text())
             if summary.get("run_id") == config.run_id():
                 print(f"[{name}] done already ({done})", file=sys.stderr)
-                results[name] = {
-                    **summary,
-                    "contribution": {**summary.get("contribution", {}), **derived(summary)},
-                }
+                results[name] = _with_derived(summary)
                 continue
         print(f"[{name}] running {config.run_id()} -> {workdir}", file=sys.stderr)
         t0 = time.perf_counter()
         summary = run(config, workdir, progress=progress)
         print(f"[{name}] {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-        results[name] = {
-            **summary,
-            "contribution": {**summary.get("contribution", {}), **derived(summary)},
-        }
+        results[name] = _with_derived(summary)
     claims = check_claims(spec, results)
     table = {
         name: {

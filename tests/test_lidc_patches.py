@@ -5,11 +5,12 @@ import pytest
 
 from medichain_jax.data.lidc_patches import (
     AIR_HU,
+    LUNG_WINDOW,
     extract_patch,
     malignancy_label,
     resample_isotropic,
-    window,
 )
+from medichain_jax.data.phantom import window
 
 
 def test_resample_linear_ramp_is_exact():
@@ -25,7 +26,8 @@ def test_resample_linear_ramp_is_exact():
 
 
 def test_window_maps_lung_window():
-    np.testing.assert_allclose(window(np.array([-1350.0, -600.0, 150.0, 500.0])), [0, 0.5, 1, 1])
+    hu = np.array([-1350.0, -600.0, 150.0, 500.0])
+    np.testing.assert_allclose(window(hu, *LUNG_WINDOW), [0, 0.5, 1, 1])
 
 
 def test_patches_2d_and_25d_with_air_padding():

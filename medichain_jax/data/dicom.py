@@ -3,8 +3,8 @@ volume sorted along the slice normal, and report every file that could not be us
 
 Works for both TCIA layouts of LIDC-IDRI (``LIDC-IDRI-dddd/<study uid>/<series uid>/*.dcm`` and
 the newer date-and-description folder names) because series are found by their
-SeriesInstanceUID tag, never by folder names. Nothing here raises on a bad file: it is skipped,
-and its path and reason land in the returned report.
+SeriesInstanceUID tag, never by folder names. A bad file never raises: it is skipped, and its
+path and reason land in the returned report (only a series with no usable slice at all raises).
 """
 
 from __future__ import annotations

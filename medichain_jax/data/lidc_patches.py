@@ -1,5 +1,6 @@
-"""LIDC nodule patches from a HU volume (numpy, host side): isotropic resampling, an HU window,
-2D / 2.5D patch extraction around a nodule, and the malignancy label from readers' ratings.
+"""LIDC nodule patches from a HU volume (numpy, host side): isotropic resampling, 2D / 2.5D
+patch extraction around a nodule, and the malignancy label from readers' ratings. The HU window
+is :func:`medichain_jax.data.phantom.window` (``window(hu, *LUNG_WINDOW)``).
 
 2.5D = the axial, coronal and sagittal planes through the nodule centre as three channels.
 """
@@ -12,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 AIR_HU = -1024.0
-LUNG_WINDOW = (-600.0, 1500.0)  # level, width (HU)
+LUNG_WINDOW = (-600.0, 1500.0)  # level, width (HU) for phantom.window
 
 
 def resample_isotropic(
@@ -31,12 +32,6 @@ def resample_isotropic(
         np.asarray(hu, np.float32), grid, order=order, mode="nearest", prefilter=order > 1
     )
     return out.astype(np.float32), float(target_mm)
-
-
-def window(hu: np.ndarray, level: float = LUNG_WINDOW[0], width: float = LUNG_WINDOW[1]):
-    """Map HU to [0, 1] through a display window."""
-    lo = level - width / 2
-    return np.clip((np.asarray(hu, np.float32) - lo) / width, 0.0, 1.0)
 
 
 def _crop(volume: np.ndarray, center: Sequence[int], size: Sequence[int]) -> np.ndarray:

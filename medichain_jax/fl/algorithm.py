@@ -68,11 +68,6 @@ def tree_sub(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree.map(jnp.subtract, a, b)
 
 
-def tree_scale(a: PyTree, s: jax.Array | float) -> PyTree:
-    """``s * a`` leaf by leaf (keeping each leaf's dtype)."""
-    return jax.tree.map(lambda x: (x * s).astype(x.dtype), a)
-
-
 def tree_zeros_like(a: PyTree) -> PyTree:
     """Zeros shaped like ``a``."""
     return jax.tree.map(jnp.zeros_like, a)

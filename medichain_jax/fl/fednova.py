@@ -7,8 +7,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from medichain_jax.fl.algorithm import Algorithm, example_weight
-from medichain_jax.fl.client import TrainHParams, local_train
+from medichain_jax.fl.algorithm import Algorithm
+from medichain_jax.fl.client import TrainHParams
 from medichain_jax.fl.fedavg import fedavg
 from medichain_jax.models import Variables
 from medichain_jax.types import ClientData, ClientOutput, PyTree, ServerState
@@ -39,17 +39,11 @@ def fednova(
         client_state: PyTree = None,
         max_steps: jax.Array | None = None,
     ) -> ClientOutput:
-        local, metrics = local_train(global_vars, data, key, hp, max_steps=max_steps)
-        a = normalizer(metrics["steps"], hp.momentum)
+        out = base.client_update(global_vars, data, key, client_state, max_steps)
+        a = normalizer(out.metrics["steps"], hp.momentum)
         inv = jnp.where(a > 0, 1.0 / jnp.maximum(a, 1e-12), 0.0)
-        d = jax.tree.map(lambda g, y: (g - y) * inv, global_vars["params"], local["params"])
-        stats = jax.tree.map(jnp.subtract, global_vars["stats"], local["stats"])
-        return ClientOutput(
-            update={"params": d, "stats": stats, "tau": a},
-            weight=example_weight(data),
-            metrics=metrics,
-            state=client_state,
-        )
+        d = jax.tree.map(lambda u: u * inv, out.update["params"])
+        return out.replace(update={"params": d, "stats": out.update["stats"], "tau": a})
 
     def model_delta(update: PyTree) -> Variables:
         tau = update["tau"]

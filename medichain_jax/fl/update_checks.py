@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from medichain_jax.types import PyTree
 
@@ -14,16 +15,9 @@ def tree_all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
-def global_norm(tree: PyTree) -> jax.Array:
-    """L2 norm of all leaves together."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.zeros((), jnp.float32)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
-
-
 def clip_by_global_norm(tree: PyTree, max_norm: float) -> PyTree:
     """Scale ``tree`` so its L2 norm is at most ``max_norm`` (norm clipping of an update, as
-    in Sun et al. 2019, "Can You Really Backdoor Federated Learning?")."""
-    factor = jnp.minimum(1.0, max_norm / jnp.maximum(global_norm(tree), 1e-12))
-    return jax.tree.map(lambda x: (x * factor).astype(x.dtype), tree)
+    in Sun et al. 2019, "Can You Really Backdoor Federated Learning?"): optax's stateless
+    ``clip_by_global_norm`` applied to one update."""
+    clipped, _ = optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+    return clipped
