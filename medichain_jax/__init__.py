@@ -3,4 +3,4 @@
 from medichain_jax.types import ClientData, ClientOutput, ServerState
 
 __all__ = ["ClientData", "ClientOutput", "ServerState"]
-__version__ = "0.1.0"
+__version__ = "0.3.0"

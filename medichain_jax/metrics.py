@@ -28,18 +28,40 @@ def roc_auc(scores: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(denom > 0, u / jnp.maximum(denom, 1), jnp.nan)
 
 
-def summarize(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """Loss, accuracy and macro AUC (over label columns) of ``[n, K]`` logits on masked rows."""
+TASKS = ("classification", "segmentation")
+
+
+def dice_per_row(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Dice 2|P & T| / (|P| + |T|) of each row's predicted (logit > 0) and true pixels
+    (``[n, pixels]``); 1 where both are empty."""
+    pred, truth = logits > 0, labels > 0.5
+    total = pred.sum(-1) + truth.sum(-1)
+    return jnp.where(total > 0, 2.0 * (pred & truth).sum(-1) / jnp.maximum(total, 1), 1.0)
+
+
+def summarize(
+    logits: jax.Array, labels: jax.Array, mask: jax.Array, task: str = "classification"
+) -> dict[str, jax.Array]:
+    """Metrics of ``[n, K]`` logits on masked rows. Classification: loss, accuracy, macro AUC
+    over label columns and each column's AUC ``[K]``; segmentation (K = pixels): loss, pixel
+    accuracy, mean per-image Dice and pixel-level AUC."""
     count = jnp.maximum(mask.sum(), 1)
     bce = optax.sigmoid_binary_cross_entropy(logits, labels).mean(axis=-1)
     correct = ((logits > 0) == (labels > 0.5)).mean(axis=-1)
-    aucs = jax.vmap(roc_auc, in_axes=(1, 1, None))(logits, labels, mask)
-    return {
+    out = {
         "loss": jnp.sum(bce * mask) / count,
         "accuracy": jnp.sum(correct * mask) / count,
-        "auc": jnp.nanmean(aucs) if aucs.shape[0] > 1 else aucs[0],
         "n": mask.sum(),
     }
+    if task == "segmentation":
+        pixels = labels.shape[-1]
+        out["dice"] = jnp.sum(dice_per_row(logits, labels) * mask) / count
+        out["auc"] = roc_auc(logits.reshape(-1), labels.reshape(-1), jnp.repeat(mask, pixels))
+        return out
+    aucs = jax.vmap(roc_auc, in_axes=(1, 1, None))(logits, labels, mask)
+    out["auc"] = jnp.nanmean(aucs) if aucs.shape[0] > 1 else aucs[0]
+    out["auc_per_label"] = aucs
+    return out
 
 
 def predict(model: FunctionalModel, variables: Variables, data: ClientData) -> jax.Array:
@@ -52,6 +74,7 @@ def evaluate(
     variables: Variables | list,
     data: ClientData,
     per_client_vars: bool = False,
+    task: str = "classification",
 ) -> dict[str, dict[str, jax.Array]]:
     """Metrics of each hospital's test rows (``per_hospital``: ``[N]`` arrays) and of all rows
     pooled (``pooled``). With ``per_client_vars`` each hospital uses its own variables
@@ -61,7 +84,7 @@ def evaluate(
     else:
         logits = jax.lax.map(lambda d: predict(model, variables, d), data)
     mask = data.mask()
-    per = jax.vmap(summarize)(logits, data.y, mask)
+    per = jax.vmap(lambda lg, y, m: summarize(lg, y, m, task))(logits, data.y, mask)
     k = logits.shape[-1]
-    pooled = summarize(logits.reshape(-1, k), data.y.reshape(-1, k), mask.reshape(-1))
+    pooled = summarize(logits.reshape(-1, k), data.y.reshape(-1, k), mask.reshape(-1), task)
     return {"per_hospital": per, "pooled": pooled}

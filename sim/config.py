@@ -10,15 +10,33 @@ from typing import Any
 
 import yaml
 
+from medichain_jax.data import lidc_annotations, nih
 from medichain_jax.engine.parallel import STRATEGIES
 from medichain_jax.fl.aggregators import AGGREGATORS
 from medichain_jax.fl.attacks import ATTACKS
 from medichain_jax.fl.contribution import UTILITIES
 from medichain_jax.fl.registry import ALGORITHMS, SERVER_ALIASES
 from medichain_jax.fl.server_opt import SERVER_OPTIMIZERS
-from medichain_jax.models import MODELS, NORMS
+from medichain_jax.metrics import TASKS
+from medichain_jax.models import FLAT_MODELS, MODELS, NORMS
 
-DATASETS = ("phantom",)
+DATASETS = ("phantom", "lidc-annotations", "nih", "lidc")
+# per dataset: its partitions (the first is the default) and its default model
+DATASET_PARTITIONS = {
+    "phantom": (),
+    "lidc-annotations": lidc_annotations.PARTITIONS,
+    "nih": nih.PARTITIONS,
+    "lidc": ("vendor", "iid", "quantity", "dirichlet"),
+}
+DEFAULT_MODEL = {"phantom": "cnn", "lidc-annotations": "mlp", "nih": "cnn", "lidc": "cnn"}
+# fields added after runs were published: left out of the run-id digest at these defaults
+_OPTIONAL = {
+    "data_dir": None,
+    "cache_dir": None,
+    "partition": None,
+    "vendor_map": None,
+    "task": "classification",
+}
 __all__ = ["AGGREGATORS", "ALGORITHMS", "ATTACKS", "DATASETS", "SERVER_OPTIMIZERS", "RunConfig"]
 
 
@@ -31,6 +49,11 @@ class RunConfig:
     """Everything that defines a simulation run (``config.json`` reproduces it)."""
 
     dataset: str = "phantom"
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    partition: str | None = None
+    vendor_map: str | None = None
+    task: str = "classification"
     hospitals: int = 20
     rounds: int = 50
     local_epochs: int = 1
@@ -48,7 +71,7 @@ class RunConfig:
     train_per_hospital: int = 256
     test_per_hospital: int = 64
     image_size: int = 64
-    model: str = "cnn"
+    model: str | None = None  # None: the dataset's default (DEFAULT_MODEL)
     norm: str = "group"
     algorithm: str = "fedavg"
     mu: float = 0.01
@@ -80,6 +103,14 @@ class RunConfig:
     checkpoint_every: int = 5
 
     def __post_init__(self):
+        if self.dataset in DEFAULT_MODEL and self.model is None:
+            default = "segnet" if self.task == "segmentation" else DEFAULT_MODEL[self.dataset]
+            object.__setattr__(self, "model", default)
+        if self.partition is None and DATASET_PARTITIONS.get(self.dataset):
+            default = DATASET_PARTITIONS[self.dataset][0]
+            if self.dataset == "lidc-annotations" and self.vendor_map is None:
+                default = "thickness"
+            object.__setattr__(self, "partition", default)
         _check(self)
 
     @property
@@ -93,12 +124,15 @@ class RunConfig:
 
     def digest(self) -> str:
         """Short stable hash of every field."""
-        blob = json.dumps(self.to_dict(), sort_keys=True).encode()
+        values = {
+            k: v for k, v in self.to_dict().items() if not (k in _OPTIONAL and v == _OPTIONAL[k])
+        }
+        blob = json.dumps(values, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:8]
 
     def run_id(self) -> str:
         """Deterministic run name: the same config always maps to the same results folder."""
-        skew = "noniid" if self.non_iid else "iid"
+        skew = self.partition or ("noniid" if self.non_iid else "iid")
         return (
             f"{self.dataset}-{self.algorithm}-h{self.hospitals}-{skew}-s{self.seed}-{self.digest()}"
         )
@@ -120,6 +154,11 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         """Read a YAML (or JSON) file."""
+        return cls.from_dict(cls.read_values(path), source=str(path))
+
+    @staticmethod
+    def read_values(path: str | Path) -> dict[str, Any]:
+        """The raw key -> value mapping of a YAML (or JSON) config file."""
         path = Path(path)
         try:
             values = yaml.safe_load(path.read_text())
@@ -131,7 +170,7 @@ class RunConfig:
             values = {}
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
-        return cls.from_dict(values, source=str(path))
+        return values
 
 
 def _coerce(name: str, type_name: str, value: Any, source: str) -> Any:
@@ -193,6 +232,44 @@ def _check(c: RunConfig) -> None:
     need(c.test_per_hospital >= 8, "test_per_hospital", "must be >= 8 (4 of each class)")
     need(c.image_size >= 8 and c.image_size % 8 == 0, "image_size", "must be a multiple of 8")
     need(c.model in MODELS, "model", f"must be one of {MODELS}")
+    partitions = DATASET_PARTITIONS[c.dataset]
+    need(
+        c.partition is None if not partitions else c.partition in partitions,
+        "partition",
+        f"must be one of {partitions} for dataset {c.dataset!r}"
+        if partitions
+        else f"does not apply to dataset {c.dataset!r}",
+    )
+    need(c.task in TASKS, "task", f"must be one of {TASKS}")
+    need(
+        c.task == "classification" or c.dataset == "lidc",
+        "task",
+        "segmentation needs dataset 'lidc' (nodule masks)",
+    )
+    need(
+        (c.model == "segnet") == (c.task == "segmentation"),
+        "model",
+        "must be 'segnet' exactly when task is segmentation",
+    )
+    if c.dataset == "lidc-annotations":
+        need(c.model in FLAT_MODELS, "model", f"must be one of {FLAT_MODELS} (tabular features)")
+        need(
+            c.partition != "vendor" or c.vendor_map is not None,
+            "vendor_map",
+            "must name a SeriesInstanceUID,Manufacturer CSV for partition 'vendor'",
+        )
+    need(
+        c.vendor_map is None or c.dataset == "lidc-annotations",
+        "vendor_map",
+        "applies to dataset 'lidc-annotations' only (lidc reads Manufacturer from DICOM)",
+    )
+    need(
+        c.data_dir is not None or c.dataset in ("phantom", "lidc-annotations"),
+        "data_dir",
+        f"is needed for dataset {c.dataset!r} (raw or prepared data folder)",
+    )
+    if c.dataset == "lidc-annotations" and c.partition == "vendor":
+        need(c.hospitals == 4, "hospitals", "must be 4 for partition 'vendor' (one per vendor)")
     need(c.norm in NORMS, "norm", f"must be one of {NORMS}")
     need(c.algorithm in ALGORITHMS, "algorithm", f"must be one of {ALGORITHMS}")
     need(c.aggregator in AGGREGATORS, "aggregator", f"must be one of {AGGREGATORS}")

@@ -81,18 +81,35 @@ def _per_hospital(summary: dict, path: Path) -> Path:
     for v, c in palette.items():
         ax.bar([0], [0], color=c, label=v)
     ax.axhline(np.nanmean(auc), color="black", ls="--", lw=1, label=f"mean {np.nanmean(auc):.3f}")
+    ylabel, ylim = _axis_label(summary)
     ax.set(
         xlabel="hospital",
-        ylabel="test ROC AUC",
+        ylabel=ylabel,
         title="Federated model, per hospital",
-        ylim=(0.3, 1.0),
+        ylim=ylim,
         xticks=np.arange(len(auc)),
+        xticklabels=_tick_labels(summary),
     )
     ax.legend(ncol=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _axis_label(summary: dict) -> tuple[str, tuple[float, float]]:
+    """Y label and limits of the run's headline metric."""
+    if summary.get("metric") == "dice":
+        return "test Dice", (0.0, 1.0)
+    return "test ROC AUC", (0.3, 1.0)
+
+
+def _tick_labels(summary: dict) -> list[str]:
+    """Hospital names when they are distinct (real sites), else their ids."""
+    names = [h["vendor"] for h in summary["hospitals"]]
+    if len(set(names)) == len(names) and not names[0].startswith("hospital"):
+        return [name.split()[0] for name in names]
+    return [str(i) for i in range(len(names))]
 
 
 def _baselines(summary: dict, path: Path) -> Path:
@@ -108,11 +125,13 @@ def _baselines(summary: dict, path: Path) -> Path:
             width,
             label=f"{name} (mean {np.nanmean(vals):.3f})",
         )
+    ylabel, ylim = _axis_label(summary)
     ax.set(
         xlabel="hospital",
-        ylabel="test ROC AUC",
-        ylim=(0.3, 1.0),
+        ylabel=ylabel,
+        ylim=ylim,
         xticks=np.arange(n),
+        xticklabels=_tick_labels(summary),
         title="Local-only vs federated vs pooled (FLamby protocol), per hospital",
     )
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, fontsize=9)

@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 
 from medichain_jax import rng
 from medichain_jax.data.federation import Federation, make_phantom_federation, with_label_noise
+from medichain_jax.data.lidc_annotations import annotation_federation
+from medichain_jax.data.lidc_db import read_database, read_vendor_map
 from medichain_jax.engine.parallel import Parallelism, resolve
 from medichain_jax.engine.round import build_round, client_mesh, replicate
 from medichain_jax.engine.system import NO_DEADLINE, SystemModel, make_system
@@ -34,7 +36,7 @@ from medichain_jax.fl.registry import AlgorithmOptions, get_algorithm
 from medichain_jax.metrics import evaluate
 from medichain_jax.models import FunctionalModel, get_model
 from sim.checkpoint import Checkpoints
-from sim.config import RunConfig
+from sim.config import ConfigError, RunConfig
 from sim.results import MetricsLog, write_json
 
 OUTPUT_FILES = ("metrics.jsonl", "summary.json", "config.json")
@@ -60,19 +62,44 @@ class Experiment:
     validation: Any = None
 
 
+def load_dataset(config: RunConfig) -> Federation:
+    """The dataset named by the config, split into hospitals."""
+    if config.dataset == "phantom":
+        return make_phantom_federation(
+            seed=config.seed,
+            num_hospitals=config.hospitals,
+            non_iid=config.non_iid,
+            alpha=config.alpha,
+            mean_train=config.train_per_hospital,
+            test_size=config.test_per_hospital,
+            image_size=config.image_size,
+            scanner_shift=config.scanner_shift,
+        )
+    if config.dataset == "lidc-annotations":
+        table = read_database(config.data_dir)
+        vendor_map = read_vendor_map(config.vendor_map, table.scans) if config.vendor_map else None
+        return annotation_federation(
+            table,
+            config.partition,
+            config.hospitals,
+            alpha=config.alpha,
+            seed=config.seed,
+            vendor_map=vendor_map,
+        )
+    from sim.real_data import prepared_federation  # image datasets: cached preprocessing
+
+    return prepared_federation(config)
+
+
 def build_federation(config: RunConfig) -> tuple[Federation, np.ndarray]:
     """The dataset named by the config, split into hospitals, with label noise added to
     ``noisy_hospitals`` of them; returns it and the noisy-hospital mask."""
-    fed = make_phantom_federation(
-        seed=config.seed,
-        num_hospitals=config.hospitals,
-        non_iid=config.non_iid,
-        alpha=config.alpha,
-        mean_train=config.train_per_hospital,
-        test_size=config.test_per_hospital,
-        image_size=config.image_size,
-        scanner_shift=config.scanner_shift,
-    )
+    fed = load_dataset(config)
+    if fed.num_hospitals != config.hospitals:
+        raise ConfigError(
+            f"hospitals: partition {config.partition!r} gives {fed.num_hospitals} hospitals on "
+            f"this data ({', '.join(fed.vendors)}), got --hospitals {config.hospitals}"
+        )
     noisy = np.zeros(config.hospitals, bool)
     if config.noisy_hospitals and config.label_noise > 0:
         key = rng.stream(config.seed, rng.LABEL_NOISE)
@@ -133,8 +160,9 @@ def build(config: RunConfig) -> Experiment:
         config.model,
         in_channels=fed.train.x.shape[-1],
         num_outputs=fed.train.y.shape[-1],
-        image_size=config.image_size,
+        image_size=fed.train.x.shape[2] if fed.train.x.ndim == 5 else config.image_size,
         norm=config.norm,
+        in_features=int(np.prod(fed.train.x.shape[2:])),
     )
     hp = TrainHParams(
         model=model,
@@ -170,7 +198,8 @@ def build(config: RunConfig) -> Experiment:
             return_updates=config.contribution,
         )
     )
-    eval_fn = jax.jit(lambda variables, data: evaluate(model, variables, data))
+    task = fed.task
+    eval_fn = jax.jit(lambda variables, data: evaluate(model, variables, data, task=task))
     personal_eval_fn = None
     if algorithm.personalize is not None:
 
@@ -180,7 +209,7 @@ def build(config: RunConfig) -> Experiment:
                 lambda a: algorithm.personalize(message, a[0], a[1], a[2]),
                 (train, keys, client_states),
             )
-            return evaluate(model, own, test, per_client_vars=True)
+            return evaluate(model, own, test, per_client_vars=True, task=task)
 
         personal_eval_fn = jax.jit(personal_eval)
     contribution_fn, validation = None, None
@@ -223,15 +252,20 @@ def param_bytes(tree: Any) -> int:
 
 def _eval_record(ev: dict[str, Any]) -> dict[str, Any]:
     per = {k: np.asarray(v) for k, v in ev["per_hospital"].items()}
-    pooled = {k: float(v) for k, v in ev["pooled"].items() if k != "n"}
+    pooled = {k: float(v) for k, v in ev["pooled"].items() if k not in ("n", "auc_per_label")}
+    names = ["loss", "accuracy", "auc"] + (["dice"] if "dice" in per else [])
+    if "auc_per_label" in per and per["auc_per_label"].shape[-1] > 1:  # AUC of each finding
+        pooled["auc_per_label"] = np.asarray(ev["pooled"]["auc_per_label"]).tolist()
+        names.append("auc_per_label")
+    scores = {k: float(np.nanmean(per[k])) for k in ("auc", "dice") if k in per}
     return {
         "global": {
             "loss": float(np.mean(per["loss"])),
             "accuracy": float(np.mean(per["accuracy"])),
-            "auc": float(np.nanmean(per["auc"])),
+            **scores,
             "pooled": pooled,
         },
-        "per_hospital": {k: per[k].tolist() for k in ("loss", "accuracy", "auc")},
+        "per_hospital": {k: per[k].tolist() for k in names},
     }
 
 
@@ -340,6 +374,8 @@ def run(
         if "global" in record:
             shown = record.get("personalized", record)
             post["auc"] = f"{shown['global']['auc']:.3f}"
+            if "dice" in shown["global"]:
+                post["dice"] = f"{shown['global']['dice']:.3f}"
         bar.set_postfix(post)
         bar.update(1)
     bar.close()
@@ -446,7 +482,8 @@ def _summarize(exp: Experiment, state, history: list[dict[str, Any]]) -> dict[st
     cfg, fed = exp.config, exp.federation
     final = history[-1]
     summary = {
-        "metric": "auc",
+        "metric": _metric(fed),
+        "task": fed.task,
         "run_id": cfg.run_id(),
         "algorithm": cfg.algorithm,
         "aggregator": cfg.aggregator,
@@ -461,10 +498,12 @@ def _summarize(exp: Experiment, state, history: list[dict[str, Any]]) -> dict[st
                 "train_size": int(fed.train_sizes[i]),
                 "test_size": int(fed.test_sizes[i]),
                 "train_pos_rate": float(fed.train_pos_rate[i]),
+                **(fed.details[i] if fed.details else {}),
             }
             for i in range(fed.num_hospitals)
         ],
-        "federated": _model_block(final),
+        "dataset": {"name": fed.name, **fed.info},
+        "federated": _model_block(final, fed.label_names, _metric(fed)),
         "system": _system_summary(exp),
         "rejected_updates": [
             {"round": r["round"], "hospital": h, "reason": "non-finite update (NaN/Inf)"}
@@ -474,24 +513,49 @@ def _summarize(exp: Experiment, state, history: list[dict[str, Any]]) -> dict[st
         "bytes_total": int(sum(r["bytes_up"] + r["bytes_down"] for r in history)),
     }
     if "personalized" in final:
-        summary["personalized"] = _model_block(final["personalized"])
+        summary["personalized"] = _model_block(final["personalized"], fed.label_names, _metric(fed))
     if exp.contribution_fn is not None:
         summary["contribution"] = _contribution_summary(exp, history)
     return summary
 
 
-def _model_block(rec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "mean": rec["global"]["auc"],
-        "per_hospital": rec["per_hospital"]["auc"],
-        "pooled_test": rec["global"]["pooled"]["auc"],
+def _metric(fed: Federation) -> str:
+    """The headline metric: AUC, or Dice for segmentation."""
+    return "dice" if fed.task == "segmentation" else "auc"
+
+
+def _model_block(
+    rec: dict[str, Any], label_names: tuple[str, ...] = (), metric: str = "auc"
+) -> dict[str, Any]:
+    block = {
+        "mean": rec["global"][metric],
+        "per_hospital": rec["per_hospital"][metric],
+        "pooled_test": rec["global"]["pooled"][metric],
         "accuracy_mean": rec["global"]["accuracy"],
         "loss_mean": rec["global"]["loss"],
     }
+    if metric != "auc":
+        block["auc_mean"] = rec["global"]["auc"]  # pixel-level AUC for segmentation
+    if "auc_per_label" in rec["global"]["pooled"]:
+        per = np.asarray(rec["per_hospital"]["auc_per_label"], np.float64)
+        names = label_names or tuple(str(k) for k in range(per.shape[-1]))
+        valid = ~np.isnan(per)  # a hospital without a finding's positives has no AUC for it
+        mean = np.where(valid, per, 0).sum(0) / np.maximum(valid.sum(0), 1)
+        mean = np.where(valid.any(0), mean, np.nan)
+        block["per_label"] = {
+            name: {"pooled_test": pooled, "mean": float(m)}
+            for name, pooled, m in zip(
+                names, rec["global"]["pooled"]["auc_per_label"], mean, strict=True
+            )
+        }
+    return block
 
 
-def _baseline_block(ev: dict[str, Any], seconds: float, epochs: int) -> dict[str, Any]:
-    return {**_model_block(_eval_record(ev)), "epochs": epochs, "seconds": seconds}
+def _baseline_block(
+    ev: dict[str, Any], seconds: float, epochs: int, label_names: tuple[str, ...], metric: str
+) -> dict[str, Any]:
+    block = _model_block(_eval_record(ev), label_names, metric)
+    return {**block, "epochs": epochs, "seconds": seconds}
 
 
 def _run_baselines(exp: Experiment, progress: bool) -> dict[str, Any]:
@@ -510,9 +574,13 @@ def _run_baselines(exp: Experiment, progress: bool) -> dict[str, Any]:
         lambda v, d, k: train_local_only(v, d, k, exp.hparams, epochs, exp.parallelism)
     )
     local_vars, _ = local_fn(init, fed.train, keys)
-    ev = jax.jit(lambda v, d: evaluate(exp.model, v, d, per_client_vars=True))(local_vars, fed.test)
+    ev = jax.jit(lambda v, d: evaluate(exp.model, v, d, per_client_vars=True, task=fed.task))(
+        local_vars, fed.test
+    )
     jax.block_until_ready(ev)
-    out["local"] = _baseline_block(ev, time.perf_counter() - t0, epochs)
+    out["local"] = _baseline_block(
+        ev, time.perf_counter() - t0, epochs, fed.label_names, _metric(fed)
+    )
 
     if progress:
         print(f"baselines: pooled ({epochs} epochs on all data)...", file=sys.stderr)
@@ -521,5 +589,7 @@ def _run_baselines(exp: Experiment, progress: bool) -> dict[str, Any]:
     pooled_fn = jax.jit(lambda v, d, k: train_pooled(v, d, k, exp.hparams, epochs))
     pooled_vars, _ = pooled_fn(init, pooled, jax.random.fold_in(base_key, cfg.hospitals))
     ev = jax.block_until_ready(exp.eval_fn(pooled_vars, fed.test))
-    out["pooled"] = _baseline_block(ev, time.perf_counter() - t0, epochs)
+    out["pooled"] = _baseline_block(
+        ev, time.perf_counter() - t0, epochs, fed.label_names, _metric(fed)
+    )
     return out

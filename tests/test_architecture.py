@@ -27,7 +27,7 @@ FORBIDDEN = {
     "sim": {"calimero_adapter"},
 }
 # inside the pure library only the data readers may touch files
-FILE_IO = {"os", "pathlib", "shutil", "io", "glob", "pydicom", "sqlite3", "csv"}
+FILE_IO = {"os", "pathlib", "shutil", "io", "glob", "pydicom", "sqlite3", "csv", "PIL"}
 
 
 def imports_of(path: Path) -> set[str]:

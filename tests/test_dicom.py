@@ -25,6 +25,8 @@ def write_slice(
     intercept: float = -1024.0,
     modality: str = "CT",
     pixels: bool = True,
+    patient: str = "LIDC-IDRI-0001",
+    manufacturer: str = "SIEMENS",
 ) -> str:
     """One single-frame image file; returns its SOPInstanceUID."""
     meta = FileMetaDataset()
@@ -36,10 +38,10 @@ def write_slice(
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = modality
-    ds.PatientID = "LIDC-IDRI-0001"
+    ds.PatientID = patient
     ds.StudyInstanceUID = "1.2.3.4"
     ds.SeriesInstanceUID = series_uid
-    ds.Manufacturer = "SIEMENS"
+    ds.Manufacturer = manufacturer
     ds.ManufacturerModelName = "Sensation 16"
     ds.SliceThickness = "2.5"
     ds.KVP = "120"
@@ -99,7 +101,8 @@ def tcia_tree(tmp_path):
     write_slice(full, new, 200.0, stored_slice(0))
     data = full.read_bytes()
     full.write_bytes(data[: len(data) - 10])
-    (root / "README.txt").write_text("not dicom")
+    (root / "LIDC-IDRI-0001" / "scan.raw").write_text("not dicom")
+    (root / "LIDC-IDRI-0001" / "069.xml").write_text("<LidcReadMessage/>")  # annotations: ignored
     return root, old, new, cr, truth
 
 
@@ -109,7 +112,7 @@ def test_find_series_groups_by_uid_in_both_layouts(tcia_tree):
     assert set(scan.series) == {old, new}
     assert len(scan.series[old]) == 5 and len(scan.series[new]) == 6  # + 2 bad files in series
     assert scan.skipped_series == {cr: "CR"}
-    assert [(Path(b.path).name, b.reason) for b in scan.bad] == [("README.txt", "not a DICOM file")]
+    assert [(Path(b.path).name, b.reason) for b in scan.bad] == [("scan.raw", "not a DICOM file")]
     assert scan.files_seen == 13
     assert "2 CT series, 1 non-CT series skipped, 1 bad files" in scan.summary()
 

@@ -51,12 +51,12 @@ CHARS = (
 )
 
 
-def lidc_xml(sessions):
+def lidc_xml(sessions, series_uid="9.9.9"):
     body = "".join(f"<readingSession>{s}</readingSession>" for s in sessions)
     return (
         '<?xml version="1.0" encoding="UTF-8"?>'
         '<LidcReadMessage xmlns="http://www.nih.gov" uid="1">'
-        "<ResponseHeader><SeriesInstanceUid>9.9.9</SeriesInstanceUid></ResponseHeader>"
+        f"<ResponseHeader><SeriesInstanceUid>{series_uid}</SeriesInstanceUid></ResponseHeader>"
         f"{body}</LidcReadMessage>"
     )
 

@@ -2,8 +2,9 @@ import itertools
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from medichain_jax.metrics import roc_auc, summarize
+from medichain_jax.metrics import dice_per_row, roc_auc, summarize
 
 
 def auc_bruteforce(scores, labels):
@@ -48,3 +49,17 @@ def test_summarize_ignores_padding():
     np.testing.assert_allclose(out["loss"], want, rtol=1e-6)
     np.testing.assert_allclose(out["accuracy"], 2 / 3, rtol=1e-6)
     assert float(out["auc"]) == 1.0
+
+
+def test_segmentation_metrics_by_hand():
+    # row 0: predicted {0, 1}, true {1, 2} -> 2*1/(2+2) = 0.5; row 1: both empty -> 1; row 2: pad
+    logits = jnp.array([[1.0, 2.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0], [5.0, 5.0, 5.0, 5.0]])
+    labels = jnp.array([[0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(dice_per_row(logits, labels)[:2], [0.5, 1.0])
+    out = summarize(logits, labels, jnp.array([True, True, False]), task="segmentation")
+    assert float(out["dice"]) == pytest.approx(0.75)
+    assert float(out["accuracy"]) == pytest.approx((2 / 4 + 1) / 2)
+    # pixel AUC over the 8 real pixels: positives scores {2, -1}, negatives {1, -1, -1 x4}
+    # pairs won: 2 beats all 6; -1 ties 5 (0.5 each), loses to 1 -> (6 + 2.5) / 12
+    assert float(out["auc"]) == pytest.approx(8.5 / 12)
+    assert "auc_per_label" not in out

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from medichain_jax.models import get_model
-from medichain_jax.models.layers import im2col, max_pool_2x2, space_to_depth
+from medichain_jax.models.layers import depth_to_space, im2col, max_pool_2x2, space_to_depth
 
 
 @pytest.mark.parametrize("cin,cout", [(1, 4), (4, 8)])
@@ -70,3 +70,12 @@ def test_group_norm_matches_flax():
     ours.scale[...] = ref.scale[...] = jnp.linspace(0.5, 2, 8)
     ours.bias[...] = ref.bias[...] = jnp.linspace(-1, 1, 8)
     np.testing.assert_allclose(ours(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_depth_to_space_inverts_space_to_depth_and_segnet_gives_pixel_logits():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 6, 3)), jnp.float32)
+    np.testing.assert_array_equal(depth_to_space(space_to_depth(x)), x)
+    model = get_model("segnet", in_channels=1)
+    variables = model.init(jax.random.PRNGKey(0))
+    logits, _ = model.apply(variables, jnp.zeros((3, 16, 16, 1)))
+    assert logits.shape == (3, 16 * 16)

@@ -7,8 +7,12 @@ import pytest
 
 from medichain_jax.data.partition import (
     dirichlet_partition,
+    hash_test_split,
     iid_partition,
     label_skew_rates,
+    majority_label,
+    partition_by_feature,
+    partition_groups,
     quantity_skew_sizes,
 )
 
@@ -106,3 +110,41 @@ def test_label_noise_flips_only_noisy_hospitals_real_rows():
     np.testing.assert_array_equal(np.asarray(out.y)[changed], 1 - np.asarray(data.y)[changed])
     with pytest.raises(ValueError, match="label noise rate"):
         with_label_noise(data, noisy, 1.5, jax.random.key(0))
+
+
+def test_majority_label_by_hand():
+    groups, label = majority_label(np.array(["b", "a", "b", "a", "b"]), np.array([1, 0, 1, 1, 0]))
+    assert groups.tolist() == ["a", "b"] and label.tolist() == [0, 1]  # a: tie -> lowest
+
+
+@pytest.mark.parametrize("kind", ["iid", "quantity", "dirichlet"])
+def test_group_partitions_keep_groups_whole(kind):
+    rng = np.random.default_rng(0)
+    group = rng.integers(0, 60, 400)  # 60 patients, several rows each
+    labels = rng.integers(0, 2, 400)
+    client = partition_groups(group, kind, 5, 3, labels, alpha=0.3)
+    assert set(client.tolist()) == set(range(5))
+    for g in np.unique(group):
+        assert np.unique(client[group == g]).size == 1
+    np.testing.assert_array_equal(client, partition_groups(group, kind, 5, 3, labels, alpha=0.3))
+    if kind == "quantity":  # patients per client are unequal
+        per = [np.unique(group[client == k]).size for k in range(5)]
+        assert max(per) > 1.5 * min(per) and sum(per) == 60
+
+
+def test_feature_partition_sorts_groups_by_value():
+    group = np.array([3, 1, 2, 1, 0, 3])
+    value = np.array([0.5, 2.0, 1.0, 9.9, 3.0, 0.7])  # a group's first row counts
+    # groups sorted by value: 3 (0.5), 2 (1.0), 1 (2.0), 0 (3.0) -> 2 clients of 2 groups
+    np.testing.assert_array_equal(partition_by_feature(group, value, 2), [0, 1, 0, 1, 1, 0])
+    with pytest.raises(ValueError, match="cannot split 4 groups"):
+        partition_by_feature(group, value, 5)
+
+
+def test_hash_split_is_per_group_and_deterministic():
+    group = np.repeat(np.arange(400).astype(str), 3)
+    test = hash_test_split(group, 0.25)
+    assert (test.reshape(-1, 3) == test.reshape(-1, 3)[:, :1]).all()
+    assert 0.18 < test.mean() < 0.32
+    np.testing.assert_array_equal(test, hash_test_split(group, 0.25))
+    assert not np.array_equal(test, hash_test_split(group, 0.25, salt="x"))

@@ -72,10 +72,14 @@ class CTVolume:
     bad: list[BadFile]  # files of this series that could not be used
 
 
+# files that sit beside the images in TCIA downloads and are not DICOM: annotations, licences
+NOT_DICOM = (".xml", ".txt", ".csv", ".json", ".md")
+
+
 def _candidate_files(root: Path) -> Iterable[Path]:
     for dirpath, _, names in os.walk(root):
         for name in sorted(names):
-            if name.startswith("."):
+            if name.startswith(".") or name.lower().endswith(NOT_DICOM):
                 continue
             yield Path(dirpath) / name
 

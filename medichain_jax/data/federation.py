@@ -26,6 +26,10 @@ _WIN_WIDTH = np.float32(1400.0)
 _WIN_LO = np.float32(-300.0) - _WIN_WIDTH / 2
 
 
+class FederationError(ValueError):
+    """Data cannot be split into the requested hospitals (e.g. one would have no test rows)."""
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Federation:
     """A simulated federation: per-hospital train/test data (stacked, padded) and metadata."""
@@ -33,12 +37,16 @@ class Federation:
     train: ClientData
     test: ClientData
     vendors: tuple[str, ...]
-    profiles: ScannerProfile
+    profiles: ScannerProfile | None
     train_sizes: np.ndarray
     test_sizes: np.ndarray
     train_pos_rate: np.ndarray
     test_pos_rate: np.ndarray
     name: str
+    details: tuple[dict, ...] = ()  # per hospital, e.g. scan / patient counts
+    info: dict = dataclasses.field(default_factory=dict)  # dataset facts (skipped items, ...)
+    label_names: tuple[str, ...] = ()  # one per output column when there are several
+    task: str = "classification"  # or "segmentation" (y = flattened masks)
 
     @property
     def num_hospitals(self) -> int:
@@ -68,6 +76,51 @@ def pad_and_stack(
         x_out[i, : x.shape[0]] = x
         y_out[i, : y.shape[0]] = y
     return ClientData(x=jnp.asarray(x_out), y=jnp.asarray(y_out), num_examples=jnp.asarray(sizes))
+
+
+def federation_from_rows(
+    x: np.ndarray,
+    y: np.ndarray,
+    hospital: np.ndarray,
+    is_test: np.ndarray,
+    names: Sequence[str],
+    name: str,
+    **extra,
+) -> Federation:
+    """A federation from pooled rows: ``x [n, ...]``, ``y [n] or [n, K]``, each row's hospital
+    id (``[n]``, into ``names``) and train/test flag; hospital ``h`` holds its own rows only."""
+    x, y = np.asarray(x), np.asarray(y, np.float32)
+    y = y[:, None] if y.ndim == 1 else y
+    hospital, is_test = np.asarray(hospital), np.asarray(is_test, bool)
+    if not x.shape[0] == y.shape[0] == hospital.shape[0] == is_test.shape[0]:
+        raise ValueError("x, y, hospital and is_test must have one entry per row")
+    n_h = len(names)
+    if hospital.size and (hospital.min() < 0 or hospital.max() >= n_h):
+        raise ValueError(f"hospital ids must be in [0, {n_h})")
+    parts = {}
+    for split, rows in (("train", ~is_test), ("test", is_test)):
+        idx = [np.flatnonzero(rows & (hospital == h)) for h in range(n_h)]
+        empty = [names[h] for h in range(n_h) if idx[h].size == 0]
+        if empty:
+            raise FederationError(
+                f"no {split} rows for hospital(s) {', '.join(empty)}: too few patients for "
+                "this partition; use fewer hospitals or another partition"
+            )
+        sizes = np.array([i.size for i in idx], np.int64)
+        rate = np.array([y[i].mean() for i in idx])
+        parts[split] = (pad_and_stack([x[i] for i in idx], [y[i] for i in idx]), sizes, rate)
+    return Federation(
+        train=parts["train"][0],
+        test=parts["test"][0],
+        vendors=tuple(names),
+        profiles=None,
+        train_sizes=parts["train"][1],
+        test_sizes=parts["test"][1],
+        train_pos_rate=parts["train"][2],
+        test_pos_rate=parts["test"][2],
+        name=name,
+        **extra,
+    )
 
 
 def _render_split(

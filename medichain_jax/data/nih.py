@@ -11,13 +11,17 @@ from __future__ import annotations
 import csv
 import dataclasses
 import gzip
-import hashlib
 import io
 from pathlib import Path
 
 import numpy as np
 
-from medichain_jax.data.partition import RngLike, dirichlet_partition, iid_partition
+from medichain_jax.data.partition import (
+    RngLike,
+    dirichlet_partition,
+    hash_test_split,
+    iid_partition,
+)
 
 FINDINGS = (
     "Atelectasis",
@@ -152,13 +156,7 @@ def official_split(meta: NihMetadata, test_list: str | Path) -> np.ndarray:
 def hash_split(meta: NihMetadata, test_fraction: float = 0.2, salt: str = "") -> np.ndarray:
     """``[n]`` bool test mask decided per patient by a hash of its id: deterministic, no
     patient in both train and test, about ``test_fraction`` of the patients in test."""
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    patients = np.unique(meta.patient)
-    digest = [hashlib.sha256(f"{salt}{p}".encode()).digest()[:8] for p in patients]
-    u = np.array([int.from_bytes(d, "big") for d in digest], np.float64) / 2.0**64
-    test_patients = patients[u < test_fraction]
-    return np.isin(meta.patient, test_patients)
+    return hash_test_split(meta.patient, test_fraction, salt)
 
 
 def _expand(patients: np.ndarray, groups: list[np.ndarray], meta: NihMetadata) -> np.ndarray:

@@ -31,6 +31,14 @@ def space_to_depth(x: jax.Array, factor: int = 2) -> jax.Array:
     return x.reshape(b, h // f, w // f, f * f * c)
 
 
+def depth_to_space(x: jax.Array, factor: int = 2) -> jax.Array:
+    """``[B, H, W, f*f*C]`` -> ``[B, H*f, W*f, C]``: the inverse of :func:`space_to_depth`."""
+    b, h, w, c = x.shape
+    f = factor
+    x = x.reshape(b, h, w, f, f, c // (f * f)).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * f, w * f, c // (f * f))
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max-pooling with stride 2 as reshape + max (cheap gradient on XLA:CPU)."""
     b, h, w, c = x.shape
