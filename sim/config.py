@@ -26,7 +26,7 @@ DATASET_PARTITIONS = {
     "phantom": (),
     "lidc-annotations": lidc_annotations.PARTITIONS,
     "nih": nih.PARTITIONS,
-    "lidc": ("vendor", "iid", "quantity", "dirichlet"),
+    "lidc": ("vendor", "thickness", "iid", "quantity", "dirichlet"),
 }
 DEFAULT_MODEL = {"phantom": "cnn", "lidc-annotations": "mlp", "nih": "cnn", "lidc": "cnn"}
 # fields added after runs were published: left out of the run-id digest at these defaults

@@ -11,7 +11,7 @@ import numpy as np
 from medichain_jax.data import nih
 from medichain_jax.data.federation import Federation, federation_from_rows
 from medichain_jax.data.lidc_db import VENDORS
-from medichain_jax.data.partition import hash_test_split, partition_groups
+from medichain_jax.data.partition import hash_test_split, partition_by_feature, partition_groups
 from medichain_jax.data.prepared import MANIFEST, PreparedSource, load_arrays
 from sim.config import ConfigError, RunConfig
 from sim.prepare import default_cache_dir, describe, prepare
@@ -99,8 +99,9 @@ def vendor_index(manufacturer: np.ndarray) -> np.ndarray:
 
 
 def lidc_federation(config: RunConfig, progress: bool = True) -> Federation:
-    """LIDC-IDRI nodule malignancy on prepared patches: hospitals by scanner vendor (the DICOM
-    Manufacturer of each series) or synthetic patient-level splits; 25% of patients test."""
+    """LIDC-IDRI nodules on prepared patches (malignancy, or masks for segmentation): hospitals
+    by scanner vendor (the DICOM Manufacturer of each series), by slice spacing (patients sorted
+    and cut into equal groups) or synthetic patient-level splits; 25% of patients test."""
     a, manifest = _source(config, progress)
     segment = config.task == "segmentation"
     ok = np.ones(a["label"].shape, bool) if segment else a["label"] >= 0
@@ -110,6 +111,13 @@ def lidc_federation(config: RunConfig, progress: bool = True) -> Federation:
         present = np.unique(vendor)
         names = [(*VENDORS, "other")[v] for v in present]
         hospital = np.searchsorted(present, vendor)
+    elif config.partition == "thickness":  # feature-based: patients sorted by slice spacing
+        spacing = a["slice_spacing"][ok]
+        hospital = partition_by_feature(patient, spacing, config.hospitals)
+        names = [
+            f"{spacing[hospital == h].min():g}-{spacing[hospital == h].max():g} mm slices"
+            for h in range(config.hospitals)
+        ]
     else:
         names = [f"hospital {h}" for h in range(config.hospitals)]
         hospital = partition_groups(

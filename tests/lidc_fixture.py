@@ -21,7 +21,7 @@ def _nodule(nid: str, rois: list[str], malignancy: int) -> str:
 
 
 def make_lidc_tree(
-    root: Path, patients: int = 16, vendors: tuple[str, ...] = ("GE MEDICAL SYSTEMS", "SIEMENS")
+    root: Path, patients: int = 20, vendors: tuple[str, ...] = ("GE MEDICAL SYSTEMS", "SIEMENS")
 ) -> dict:
     """Write the tree under ``root``; returns series uids per patient and the bad files."""
     series = {}

@@ -96,13 +96,13 @@ def test_lidc_prepare_patches_labels_and_bad_files(lidc_tree, tmp_path):
     out = tmp_path / "cache"
     m = prepare("lidc", root, out, image_size=16, progress=False)
     r = m["report"]
-    assert r["series_found"] == 16 and r["nodules"] == 32
+    assert r["series_found"] == 20 and r["nodules"] == 40
     assert list(r["non_ct_series"].values()) == ["CR"]
     assert [b["path"] for b in r["bad_files"]] == [truth["truncated"]]
     a = load_arrays(PreparedSource(out))
-    assert a["patch"].shape == (32, 16, 16, 1) and a["mask"].shape == (32, 16, 16)
+    assert a["patch"].shape == (40, 16, 16, 1) and a["mask"].shape == (40, 16, 16)
     # per series: the large nodule (ratings 4, 5) is malignant, the small one (1, 2) benign
-    assert sorted(a["label"].tolist()) == [0] * 16 + [1] * 16
+    assert sorted(a["label"].tolist()) == [0] * 20 + [1] * 20
     big = a["mask"][a["label"] == 1].sum((1, 2))
     small = a["mask"][a["label"] == 0].sum((1, 2))
     assert (big > small).all()
@@ -110,4 +110,4 @@ def test_lidc_prepare_patches_labels_and_bad_files(lidc_tree, tmp_path):
     assert prepare("lidc", root, out, image_size=16, progress=False)["status"] == "reused"
     m = prepare("lidc", root, out, image_size=16, mode="2.5d", progress=False)
     assert m["status"] == "rebuilt"
-    assert PreparedSource(out).columns["patch"].shape == (32, 16, 16, 3)
+    assert PreparedSource(out).columns["patch"].shape == (40, 16, 16, 3)

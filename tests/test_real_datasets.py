@@ -9,7 +9,7 @@ import pytest
 from medichain_jax.data import nih
 from sim.cli import main
 from sim.config import ConfigError, RunConfig
-from sim.real_data import nih_federation, vendor_index
+from sim.real_data import lidc_federation, nih_federation, vendor_index
 from tests.lidc_fixture import make_lidc_tree
 from tests.nih_fixture import make_nih_tree
 from tests.test_lidc_db import SHARED_MAP, needs_map
@@ -108,8 +108,14 @@ def test_lidc_patches_train_by_vendor(tmp_path):
     args += ["--cache-dir", str(tmp_path / "cache"), "--rounds", "2", "--image-size", "16"]
     s = run_cli(args, tmp_path / "run")
     assert [h["vendor"] for h in s["hospitals"]] == ["GE MEDICAL SYSTEMS", "SIEMENS"]
-    assert sum(h["nodules"] for h in s["hospitals"]) == 32
+    assert sum(h["nodules"] for h in s["hospitals"]) == 40
     assert s["dataset"]["bad_files"] == 1 and s["dataset"]["non_ct_series"] == 1
+    config = RunConfig(
+        dataset="lidc", data_dir=str(tmp_path / "cache"), partition="thickness", hospitals=2
+    )
+    fed = lidc_federation(config, progress=False)
+    assert fed.vendors == ("2.5-2.5 mm slices",) * 2  # the fixture's one slice spacing
+    assert [d["patients"] for d in fed.details] == [10, 10]
     # too many hospitals for the vendors present: one clear line
     assert main([*args, "--hospitals", "3", "--out", str(tmp_path / "x")]) == 2
     # nodule segmentation on the same cache: a pixel model, Dice as the headline metric
