@@ -113,7 +113,8 @@ def test_absent_client_scores_zero_and_changes_nothing():
     np.testing.assert_allclose(mc.sum(), small[-1] - small[0], rtol=1e-5)
 
 
-@pytest.mark.parametrize("utility", ["loss", "auc"])
+# utility "auc" runs with `-m slow` (same ranking code path as "loss", a different utility)
+@pytest.mark.parametrize("utility", ["loss", pytest.param("auc", marks=pytest.mark.slow)])
 def test_round_contributions_ranks_sign_flipping_client_last(tiny_model, utility):
     """3 honest hospitals (one SGD step each), 1 sending the negated honest mean, 1 absent; the
     server validates on data like the honest hospitals'. (Single steps on flipped labels from a

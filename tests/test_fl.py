@@ -90,7 +90,8 @@ def sequential_reference(alg, state, data, seed, cohort):
     return alg.server_update(state, mean)
 
 
-@pytest.mark.parametrize("cohort_size", [5, 3])
+# the full cohort (5) runs with `-m slow`; the sampled cohort (3) covers every strategy in CI
+@pytest.mark.parametrize("cohort_size", [pytest.param(5, marks=pytest.mark.slow), 3])
 def test_every_strategy_matches_sequential_reference(tiny_model, clients, cohort_size):
     hp = TrainHParams(model=tiny_model, epochs=2, batch_size=5, lr=0.1, momentum=0.5)
     alg = fedavg(hp, optax.adam(0.01))
