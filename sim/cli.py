@@ -13,6 +13,7 @@ from medichain_jax.data.nih import NihMetadataError
 from medichain_jax.data.prepared import PreparedDataError
 from medichain_jax.engine.parallel import STRATEGIES
 from medichain_jax.fl.contribution import UTILITIES
+from medichain_jax.metrics import TASKS
 from medichain_jax.models import MODELS, NORMS
 from sim.config import (
     AGGREGATORS,
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--task",
-        choices=("classification", "segmentation"),
+        choices=TASKS,
         help="lidc: malignancy classification (default) or nodule segmentation (Dice)",
     )
     p.add_argument(
@@ -293,9 +294,9 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
     values = vars(args)
     try:
         base = RunConfig.read_values(values["config"]) if "config" in values else {}
-        RunConfig.from_dict(base, source=str(values.get("config")))  # file errors name the file
         overrides = {k: v for k, v in values.items() if k not in RUN_ONLY}
-        config = RunConfig.from_dict({**base, **overrides}, source="flags")
+        source = f"{values['config']} + flags" if "config" in values else "flags"
+        config = RunConfig.from_dict({**base, **overrides}, source=source)
     except ConfigError as err:
         parser.error(str(err))
     return config, args

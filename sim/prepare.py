@@ -9,6 +9,7 @@ and listed in the manifest's report, never fatal.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -95,16 +96,11 @@ def build_nih(root: Path, size: int, progress: bool) -> tuple[dict[str, np.ndarr
         "rows": len(meta),
         "images": int(keep.size),
         "split": split,
-        "skipped_rows": [dataclasses_dict(r) for r in meta.skipped],
+        "skipped_rows": [dataclasses.asdict(r) for r in meta.skipped],
         "missing_images": missing,
-        "bad_files": [dataclasses_dict(b) for b in bad + index.duplicates],
+        "bad_files": [dataclasses.asdict(b) for b in bad + index.duplicates],
     }
     return arrays, report
-
-
-def dataclasses_dict(item: Any) -> dict[str, Any]:
-    """A reported item (BadFile, SkippedRow) as a plain dict."""
-    return {k: getattr(item, k) for k in item.__dataclass_fields__}
 
 
 def build_lidc(
@@ -157,7 +153,7 @@ def build_lidc(
         "series_without_annotations": len(scan.series) - len(series),
         "non_ct_series": scan.skipped_series,
         "nodules": int(arrays["label"].size),
-        "bad_files": [dataclasses_dict(b) for b in bad],
+        "bad_files": [dataclasses.asdict(b) for b in bad],
         "bad_xml": [{"path": p, "reason": r} for p, r in xml_bad],
         "skipped": skipped,
     }
@@ -199,14 +195,13 @@ def prepare(
         old = read_manifest(out)
     except PreparedDataError as err:
         old, reason = None, str(err)
-    if old is not None:
-        problems = verify(out, old)
+    if old is not None:  # cheap checks first: hashing a large cache takes a while
         if force:
             reason = "--force"
-        elif problems:
-            reason = "; ".join(problems)
         elif old["settings"] != settings or old["source"] != source:
             reason = "settings or source files changed"
+        elif problems := verify(out, old):
+            reason = "; ".join(problems)
         else:
             return {**old, "status": "reused", "reason": "hashes verified"}
     build = build_nih if dataset == "nih" else build_lidc

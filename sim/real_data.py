@@ -17,11 +17,12 @@ from sim.config import ConfigError, RunConfig
 from sim.prepare import default_cache_dir, describe, prepare
 
 
-def prepared_folder(config: RunConfig, progress: bool = True) -> Path:
-    """``data_dir`` itself when it is a prepared folder, else its cache (built or reused)."""
+def prepared_folder(config: RunConfig, progress: bool = True) -> tuple[Path, bool]:
+    """``data_dir`` itself when it is a prepared folder, else its cache (built or reused), and
+    whether its files' hashes were just checked (by ``prepare``)."""
     data_dir = Path(config.data_dir)
     if (data_dir / MANIFEST).is_file():
-        return data_dir
+        return data_dir, False
     mode = "2d"
     out = (
         Path(config.cache_dir)
@@ -32,12 +33,12 @@ def prepared_folder(config: RunConfig, progress: bool = True) -> Path:
         config.dataset, data_dir, out, image_size=config.image_size, mode=mode, progress=progress
     )
     print(f"{config.dataset}: {describe(manifest)}\n({out})", file=sys.stderr)
-    return out
+    return out, True
 
 
 def _source(config: RunConfig, progress: bool) -> tuple[dict[str, np.ndarray], dict]:
-    folder = prepared_folder(config, progress)
-    source = PreparedSource(folder)  # every file's SHA-256 checked
+    folder, verified = prepared_folder(config, progress)
+    source = PreparedSource(folder, verify_files=not verified)  # each SHA-256 checked once
     settings = source.manifest["settings"]
     if settings["dataset"] != config.dataset:
         raise ConfigError(f"data_dir: {folder} holds {settings['dataset']}, not {config.dataset}")

@@ -192,6 +192,11 @@ def read_database(path: str | Path | None = None) -> LidcAnnotationTable:
     scan_z: dict[int, list[float]] = {}
     for note in notes:
         scan_z.setdefault(note[1], []).extend(z for z, _, _ in by_note.get(note[0], []))
+    slice_spacing = {  # once per scan, from all its annotations' contours
+        scan_id: _slice_spacing(np.array(zs), table.slice_thickness[scan_row[scan_id]])
+        for scan_id, zs in scan_z.items()
+        if scan_id in scan_row
+    }
 
     keep, feats, skipped = [], [], []
     for note in notes:
@@ -203,7 +208,7 @@ def read_database(path: str | Path | None = None) -> LidcAnnotationTable:
                 raise ValueError("a characteristic rating is missing")
             i = scan_row[scan_id]
             parsed = [(z, inc, parse_coords(c)) for z, inc, c in by_note.get(note_id, [])]
-            spacing = _slice_spacing(np.array(scan_z[scan_id]), table.slice_thickness[i])
+            spacing = slice_spacing[scan_id]
             feats.append(annotation_features(parsed, table.pixel_spacing[i], spacing))
             keep.append(note)
         except ValueError as err:
