@@ -3,4 +3,4 @@
 from medichain_jax.types import ClientData, ClientOutput, ServerState
 
 __all__ = ["ClientData", "ClientOutput", "ServerState"]
-__version__ = "0.3.0"
+__version__ = "0.4.0"

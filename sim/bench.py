@@ -1,5 +1,6 @@
 """``python -m sim.bench``: the engine's compiled round vs a Python loop over clients vs pooled
 training of the same SGD steps, side by side in one process (interleaved repetitions, medians).
+``python -m sim.bench scaling`` and ``python -m sim.bench flower`` run the other benchmarks.
 
 Writes ``results/bench/engine.json``: round times per strategy, throughput ratios (>1 = engine
 faster), achieved GFLOP/s and peak RSS.
@@ -52,8 +53,17 @@ def step_flops(exp, data) -> float:
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
+SUITES = {"scaling": "sim.bench_scaling", "flower": "sim.bench_flower"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the engine benchmark and write its JSON."""
+    """Run the engine benchmark and write its JSON (``scaling`` / ``flower``: the other
+    benchmarks, ``python -m sim.bench scaling --help``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUITES:
+        import importlib
+
+        return importlib.import_module(SUITES[argv[0]]).main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m sim.bench", description=__doc__)
     p.add_argument("--hospitals", type=int, default=20)
     p.add_argument("--train-per-hospital", type=int, default=256)

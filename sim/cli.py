@@ -281,10 +281,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop (with a checkpoint) after this round; --resume continues",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ray = p.add_argument_group("multi-node simulation (Ray actors; changes no number)")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="run the hospitals on Ray actors, each holding a contiguous shard of them",
+    )
+    ray.add_argument(
+        "--address", help="Ray cluster to join ('auto': the one on this node; default: a new one)"
+    )
+    ray.add_argument(
+        "--ray-actors",
+        type=_positive_int,
+        help="actors (shards of hospitals); default one per GPU of the cluster, else per CPU",
+    )
+    ray.add_argument("--cpus-per-actor", type=float, help="CPUs each actor declares")
+    ray.add_argument("--gpus-per-actor", type=float, help="GPUs each actor declares")
     return p
 
 
-RUN_ONLY = ("config", "out", "resume", "stop_after", "no_progress")
+RAY_FLAGS = ("ray", "address", "ray_actors", "cpus_per_actor", "gpus_per_actor")
+RUN_ONLY = ("config", "out", "resume", "stop_after", "no_progress", *RAY_FLAGS)
+
+
+def ray_options(args: argparse.Namespace):
+    """The run's Ray placement (``--ray`` and friends), or None for one process."""
+    given = {k for k in RAY_FLAGS if getattr(args, k, None) not in (None, False)}
+    if not given:
+        return None
+    if "ray" not in given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
+        raise ConfigError(f"{flags} only apply with --ray")
+    from sim.runner import RayOptions
+
+    return RayOptions(
+        address=getattr(args, "address", None),
+        actors=getattr(args, "ray_actors", None),
+        cpus_per_actor=getattr(args, "cpus_per_actor", None),
+        gpus_per_actor=getattr(args, "gpus_per_actor", None),
+    )
 
 
 def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]:
@@ -317,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             resume=getattr(args, "resume", False),
             stop_after=getattr(args, "stop_after", None),
             progress=not getattr(args, "no_progress", False),
+            ray_cluster=ray_options(args),
         )
     except (ConfigError, FileNotFoundError, *DATA_ERRORS) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -43,7 +43,8 @@ def load_experiment(path: Path) -> dict[str, Any]:
     except (OSError, yaml.YAMLError) as err:
         raise ExperimentError(f"cannot read experiment file {path}: {err}") from err
     if not isinstance(spec, dict) or not isinstance(spec.get("runs"), dict) or not spec["runs"]:
-        raise ExperimentError(f"{path}: needs a non-empty 'runs' mapping")
+        hint = " (a 'grid' file is a sweep: python -m sim.sweep)" if "grid" in (spec or {}) else ""
+        raise ExperimentError(f"{path}: needs a non-empty 'runs' mapping{hint}")
     base = spec.get("base") or {}
     spec["configs"] = {}
     for name, overrides in spec["runs"].items():

@@ -25,7 +25,7 @@ from medichain_jax.data.federation import Federation, make_phantom_federation, w
 from medichain_jax.data.lidc_annotations import annotation_federation
 from medichain_jax.data.lidc_db import read_database, read_vendor_map
 from medichain_jax.engine.parallel import Parallelism, resolve
-from medichain_jax.engine.round import build_round, client_mesh, replicate
+from medichain_jax.engine.round import build_round, client_mesh, replicate, sample_cohort
 from medichain_jax.engine.system import NO_DEADLINE, SystemModel, make_system
 from medichain_jax.fl.aggregators import get_aggregator
 from medichain_jax.fl.algorithm import Algorithm, initial_client_states
@@ -40,6 +40,19 @@ from sim.config import ConfigError, RunConfig
 from sim.results import MetricsLog, write_json
 
 OUTPUT_FILES = ("metrics.jsonl", "summary.json", "config.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class RayOptions:
+    """Where and how a run's hospitals go onto Ray actors (``python -m sim --ray``): the
+    cluster ``address`` (None: start a local one), the number of ``actors`` (each holds one
+    contiguous shard of the hospitals; None: one per GPU, else one per CPU) and the CPUs /
+    GPUs each actor declares. Execution options: they change no number and no run id."""
+
+    address: str | None = None
+    actors: int | None = None
+    cpus_per_actor: float | None = None
+    gpus_per_actor: float | None = None
 
 
 @dataclasses.dataclass
@@ -60,6 +73,7 @@ class Experiment:
     personal_eval_fn: Callable | None = None
     contribution_fn: Callable | None = None
     validation: Any = None
+    sample_fn: Callable | None = None  # (seed, round) -> cohort, when rows are streamed
 
 
 def load_dataset(config: RunConfig) -> Federation:
@@ -153,9 +167,21 @@ def validation_set(config: RunConfig, fed: Federation, max_rows: int = 256):
     )
 
 
-def build(config: RunConfig) -> Experiment:
-    """Data, model, algorithm and the jitted round / eval functions for ``config``."""
-    fed, noisy = build_federation(config)
+@dataclasses.dataclass
+class TrainingParts:
+    """The pure pieces one hospital's training and the server need, built from a config."""
+
+    model: FunctionalModel
+    hparams: TrainHParams
+    algorithm: Algorithm
+    aggregator: Any
+    system: SystemModel | None
+    parallelism: Parallelism
+
+
+def training_parts(config: RunConfig, fed: Federation) -> TrainingParts:
+    """Model, local-training hyperparameters, algorithm, aggregator, simulated system and
+    client parallelism of ``config`` on ``fed`` (the same in every process of a run)."""
     model = get_model(
         config.model,
         in_channels=fed.train.x.shape[-1],
@@ -182,22 +208,55 @@ def build(config: RunConfig) -> Experiment:
     )
     system = build_system(config, fed)
     parallelism = resolve(config.client_parallelism, chunk=config.chunk)
-    mesh = client_mesh(min(config.devices or len(jax.devices()), config.cohort_size))
-    # every device reads the hospitals it is given from its own copy
-    fed = dataclasses.replace(fed, train=replicate(fed.train, mesh))
-    round_fn = jax.jit(
-        build_round(
-            algorithm,
-            config.hospitals,
-            config.cohort_size,
-            parallelism,
-            aggregator,
-            mesh,
-            system=system,
-            clip_norm=config.clip_norm,
-            return_updates=config.contribution,
+    return TrainingParts(model, hp, algorithm, aggregator, system, parallelism)
+
+
+def streams_cohort(config: RunConfig) -> bool:
+    """Whether rounds take only the sampled cohort's rows, gathered from host memory each
+    round (client sampling: device memory then grows with the cohort, not the federation)."""
+    return config.cohort_size < config.hospitals
+
+
+def cohort_rows(data: Any, cohort: np.ndarray) -> Any:
+    """The cohort's rows of host-resident per-hospital data (numpy fancy indexing)."""
+    return jax.tree.map(lambda a: np.asarray(a)[cohort], data)
+
+
+def build(config: RunConfig, ray_cluster: RayOptions | None = None) -> Experiment:
+    """Data, model, algorithm and the jitted round / eval functions for ``config``; with
+    ``ray_cluster`` the round runs on Ray actors that each hold a shard of the hospitals."""
+    fed, noisy = build_federation(config)
+    parts = training_parts(config, fed)
+    model, hp, algorithm, system = parts.model, parts.hparams, parts.algorithm, parts.system
+    parallelism = parts.parallelism
+    if ray_cluster is not None:
+        from sim.ray_sim import RayRound
+
+        mesh = None
+        round_fn = RayRound(config, parts, ray_cluster)
+    else:
+        mesh = client_mesh(min(config.devices or len(jax.devices()), config.cohort_size))
+        if not streams_cohort(config):
+            # every device reads the hospitals it is given from its own copy
+            fed = dataclasses.replace(fed, train=replicate(fed.train, mesh))
+        round_fn = jax.jit(
+            build_round(
+                algorithm,
+                config.hospitals,
+                config.cohort_size,
+                parallelism,
+                parts.aggregator,
+                mesh,
+                system=system,
+                clip_norm=config.clip_norm,
+                return_updates=config.contribution,
+                gathered=streams_cohort(config),
+            )
         )
-    )
+    sample_fn = None
+    if ray_cluster is None and streams_cohort(config):
+        n, m = config.hospitals, config.cohort_size
+        sample_fn = jax.jit(lambda seed, rnd: sample_cohort(seed, rnd, n, m))
     task = fed.task
     eval_fn = jax.jit(lambda variables, data: evaluate(model, variables, data, task=task))
     personal_eval_fn = None
@@ -242,7 +301,17 @@ def build(config: RunConfig) -> Experiment:
         personal_eval_fn,
         contribution_fn,
         validation,
+        sample_fn,
     )
+
+
+def play_round(exp: Experiment, state, client_states, seed: jax.Array):
+    """One federated round of ``exp``: the compiled round on every hospital's rows, or, with
+    client sampling, on the cohort's rows streamed from host memory."""
+    data = exp.federation.train
+    if exp.sample_fn is not None:
+        data = cohort_rows(data, np.asarray(exp.sample_fn(seed, state.round)))
+    return exp.round_fn(state, data, replicate(client_states, exp.mesh), seed)
 
 
 def param_bytes(tree: Any) -> int:
@@ -290,6 +359,7 @@ def run(
     stop_after: int | None = None,
     progress: bool = True,
     plots: bool = True,
+    ray_cluster: RayOptions | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a simulation and write its results folder; returns ``summary.json``'s dict.
 
@@ -300,7 +370,24 @@ def run(
     t_start = time.perf_counter()
     _prepare_workdir(workdir, resume)
     write_json(workdir / "config.json", config.to_dict())
-    exp = build(config)
+    exp = build(config, ray_cluster)
+    try:
+        return _run_rounds(exp, workdir, t_start, resume, stop_after, progress, plots)
+    finally:
+        if hasattr(exp.round_fn, "close"):
+            exp.round_fn.close()
+
+
+def _run_rounds(
+    exp: Experiment,
+    workdir: Path,
+    t_start: float,
+    resume: bool,
+    stop_after: int | None,
+    progress: bool,
+    plots: bool,
+) -> dict[str, Any]:
+    config = exp.config
     fed = exp.federation
     seed = jnp.asarray(config.seed, jnp.uint32)
 
@@ -336,9 +423,7 @@ def run(
     for rnd in range(start, last):
         t0 = time.perf_counter()
         before = state.params
-        state, client_states, info = exp.round_fn(
-            state, fed.train, replicate(client_states, exp.mesh), seed
-        )
+        state, client_states, info = play_round(exp, state, client_states, seed)
         jax.block_until_ready(state)
         round_s = time.perf_counter() - t0
         if compile_s is None:
@@ -491,6 +576,7 @@ def _summarize(exp: Experiment, state, history: list[dict[str, Any]]) -> dict[st
         "backend": jax.default_backend(),
         "client_parallelism": dataclasses.asdict(exp.parallelism),
         "devices": 1 if exp.mesh is None else int(exp.mesh.devices.size),
+        "executor": getattr(exp.round_fn, "description", {"kind": "process"}),
         "hospitals": [
             {
                 "id": i,

@@ -40,3 +40,12 @@ def tiny_model():
 @pytest.fixture
 def clients():
     return make_clients([24, 7, 0, 16, 11])
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs for the module's tests (skipped where Ray is absent)."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

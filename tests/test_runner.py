@@ -71,7 +71,11 @@ def test_run_writes_files_and_is_deterministic(tmp_path):
     [
         {},
         {"algorithm": "scaffold", "dropout": 0.3, "stragglers": 0.5},
-        {"algorithm": "ditto", "contribution": True, "contribution_every": 1},
+        # personalized state + contribution scores: `-m slow` (the other two run in CI)
+        pytest.param(
+            {"algorithm": "ditto", "contribution": True, "contribution_every": 1},
+            marks=pytest.mark.slow,
+        ),
     ],
     ids=["fedavg", "scaffold-dropout", "ditto-contribution"],
 )

@@ -124,18 +124,37 @@ def federation_from_rows(
 
 
 def _render_split(
-    key: jax.Array, labels: list[np.ndarray], profiles: ScannerProfile, size: int
-) -> list[np.ndarray]:
-    """Windowed images of every hospital (hospital h, image i uses fold_in(fold_in(key, h), i))."""
+    key: jax.Array,
+    labels: list[np.ndarray],
+    profiles: ScannerProfile,
+    size: int,
+    block_images: int = 16384,
+) -> ClientData:
+    """Windowed images of every hospital (hospital h, image i uses fold_in(fold_in(key, h), i)),
+    rendered a block of hospitals at a time straight into the padded ``[N, cap, size, size, 1]``
+    array, so peak memory is that array plus one block (1,000 hospitals fit on a laptop)."""
     sizes = np.array([lab.size for lab in labels])
-    hosp = np.repeat(np.arange(len(labels)), sizes)
-    idx = np.concatenate([np.arange(n) for n in sizes]).astype(np.int32)
-    flat_y = np.concatenate(labels).astype(np.int32)
-    keys = fold_in_range(key, len(labels))[hosp]
-    prof = [np.asarray(f, np.float32)[hosp] for f in profiles]
-    out = _render_images(keys, idx, flat_y, ScannerProfile(*prof), size)
-    np.clip((out - _WIN_LO) / _WIN_WIDTH, 0.0, 1.0, out=out)  # = window(), on the host
-    return np.split(out, np.cumsum(sizes)[:-1])
+    cap = int(sizes.max())
+    x = np.zeros((len(labels), cap, size, size, 1), np.float32)
+    y = np.zeros((len(labels), cap, 1), np.float32)
+    hospital_keys = fold_in_range(key, len(labels))
+    lo = 0
+    while lo < len(labels):
+        hi = lo + 1
+        while hi < len(labels) and sizes[lo : hi + 1].sum() <= block_images:
+            hi += 1
+        hosp = np.repeat(np.arange(lo, hi), sizes[lo:hi])
+        idx = np.concatenate([np.arange(n) for n in sizes[lo:hi]]).astype(np.int32)
+        flat_y = np.concatenate(labels[lo:hi]).astype(np.int32)
+        prof = [np.asarray(f, np.float32)[hosp] for f in profiles]
+        out = _render_images(hospital_keys[hosp], idx, flat_y, ScannerProfile(*prof), size)
+        np.clip((out - _WIN_LO) / _WIN_WIDTH, 0.0, 1.0, out=out)  # = window(), on the host
+        x[hosp, idx, ..., 0] = out
+        y[hosp, idx, 0] = flat_y
+        lo = hi
+    return ClientData(
+        x=jnp.asarray(x), y=jnp.asarray(y), num_examples=jnp.asarray(sizes, jnp.int32)
+    )
 
 
 def _labels(rng: np.random.Generator, n: int, n_pos: int) -> np.ndarray:
@@ -177,13 +196,13 @@ def make_phantom_federation(
 
     root = jax.random.PRNGKey(seed)
     profiles, vendor_ids = hospital_profiles(jax.random.fold_in(root, _TAG_PROFILES), n_h, shift)
-    x_train = _render_split(jax.random.fold_in(root, _TAG_TRAIN), y_train, profiles, image_size)
     x_test = _render_split(jax.random.fold_in(root, _TAG_TEST), y_test, profiles, image_size)
+    x_train = _render_split(jax.random.fold_in(root, _TAG_TRAIN), y_train, profiles, image_size)
     test_sizes = np.full(n_h, test_size, np.int64)
     kind = "noniid" if non_iid else "iid"
     return Federation(
-        train=pad_and_stack(x_train, y_train),
-        test=pad_and_stack(x_test, y_test),
+        train=x_train,
+        test=x_test,
         vendors=tuple(VENDORS[v] for v in vendor_ids),
         profiles=profiles,
         train_sizes=sizes.astype(np.int64),

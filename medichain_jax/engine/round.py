@@ -84,6 +84,100 @@ def guarded_client_fn(
     return client_fn
 
 
+class CohortSums(NamedTuple):
+    """A cohort's (or a shard of a cohort's) contribution to one round: the streamed weighted
+    sum of updates and of weights, and per-client ``[m]`` weights, metrics, new states and
+    (when kept) updates. Partial sums of disjoint shards add up to the whole cohort's."""
+
+    update_sum: PyTree
+    weight_sum: jax.Array
+    weights: jax.Array
+    metrics: dict[str, jax.Array]
+    states: PyTree
+    updates: PyTree = None
+
+
+def system_inputs(
+    system: SystemModel | None, seed: jax.Array, rnd: jax.Array, ids: jax.Array
+) -> dict[str, jax.Array]:
+    """Per-client simulation masks of round ``rnd`` for client ids ``ids``."""
+    if system is None:
+        m = ids.shape[0]
+        return {
+            "active": jnp.ones((m,), bool),
+            "byzantine": jnp.zeros((m,), bool),
+            "max_steps": jnp.zeros((m,), jnp.int32),
+        }
+    return {
+        "active": active_clients(system, seed, rnd, ids),
+        "byzantine": jnp.asarray(system.byzantine)[ids],
+        "max_steps": jnp.asarray(system.max_steps)[ids],
+    }
+
+
+def build_cohort_step(
+    algorithm: Algorithm,
+    parallelism: Parallelism,
+    mesh: Mesh | None = None,
+    *,
+    system: SystemModel | None = None,
+    clip_norm: float | None = None,
+    keep_updates: bool = False,
+) -> Callable[..., CohortSums]:
+    """Return ``step(message, data, ids, client_states, seed, rnd) -> CohortSums``: local
+    training of the clients whose rows ``data`` holds (leading axis ``m``; ``ids`` are their
+    global client ids, which derive their keys and simulation masks; rows with zero examples
+    are padding and weigh nothing). With a ``mesh`` the ``m`` clients (a multiple of its size)
+    are split over its devices and the partial sums meet in a ``psum``. A Ray actor runs the
+    same step on its shard of hospitals."""
+    if clip_norm is not None and clip_norm <= 0:
+        raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+
+    def on_devices(message, d, keys, packed):
+        client_fn = guarded_client_fn(algorithm, message, system, clip_norm)
+        res = run_cohort(client_fn, d, keys, packed, parallelism, keep_updates=keep_updates)
+        usum, wsum = res.update_sum, res.weight_sum
+        if mesh is not None:
+            usum, wsum = jax.lax.psum((usum, wsum), AXIS)
+        return usum, wsum, res.updates, res.weights, res.metrics, res.states
+
+    if mesh is not None:
+        spec = P(AXIS)
+        on_devices = jax.shard_map(
+            on_devices,
+            mesh=mesh,
+            in_specs=(P(), spec, spec, spec),
+            out_specs=(P(), P(), spec, spec, spec, spec),
+            check_vma=False,
+        )
+
+    def step(message, data: ClientData, ids, client_states, seed, rnd) -> CohortSums:
+        keys = jax.vmap(lambda c: rng.client_key(seed, rnd, c))(ids)
+        sysc = system_inputs(system, seed, rnd, ids)
+        usum, wsum, updates, weights, metrics, states = on_devices(
+            message, data, keys, (client_states, sysc)
+        )
+        return CohortSums(usum, wsum, weights, metrics, states, updates)
+
+    return step
+
+
+def server_step(
+    algorithm: Algorithm,
+    aggregator: Aggregator,
+    state: ServerState,
+    sums: CohortSums,
+) -> ServerState:
+    """Aggregate a whole cohort's sums (streamed mean, or the robust rule over the kept
+    updates) and apply the algorithm's server update."""
+    if aggregator.linear:
+        update = finalize_mean(sums.update_sum, sums.weight_sum)
+    else:
+        update = aggregator.aggregate(sums.updates, sums.weights)
+    participants = jnp.sum(sums.weights > 0).astype(jnp.float32)
+    return algorithm.server_update(state, update, participants)
+
+
 def build_round(
     algorithm: Algorithm,
     num_clients: int,
@@ -95,11 +189,15 @@ def build_round(
     system: SystemModel | None = None,
     clip_norm: float | None = None,
     return_updates: bool = False,
+    gathered: bool = False,
 ) -> Callable[[ServerState, ClientData, PyTree, jax.Array], tuple[ServerState, PyTree, RoundInfo]]:
     """Return a pure ``round_fn(state, data, client_states, seed) -> (state, client_states, info)``.
 
-    ``data`` holds every registered hospital (leading axis ``num_clients``) and
-    ``client_states`` their persistent per-client state (``None`` for stateless algorithms).
+    ``data`` holds every registered hospital (leading axis ``num_clients``) or, with
+    ``gathered``, only the round's cohort (leading axis ``cohort_size``, the rows of
+    ``sample_cohort(seed, state.round, ...)`` in that order, gathered by the caller from host
+    memory: device memory then grows with the cohort, not with the registered hospitals).
+    ``client_states`` is every client's persistent state (``None`` for stateless algorithms).
     With a ``mesh`` (one axis named ``clients``) the cohort is split over its devices, each runs
     ``parallelism`` on its share, and partial sums meet in a ``psum``. ``system`` simulates
     Byzantine hospitals, stragglers, dropouts and late joiners; ``clip_norm`` bounds each
@@ -107,8 +205,6 @@ def build_round(
     """
     if not 1 <= cohort_size <= num_clients:
         raise ValueError(f"cohort size must be in [1, {num_clients}], got {cohort_size}")
-    if clip_norm is not None and clip_norm <= 0:
-        raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
     if system is not None and len(system.byzantine) != num_clients:
         raise ValueError(
             f"system model describes {len(system.byzantine)} hospitals, expected {num_clients}"
@@ -116,62 +212,44 @@ def build_round(
     n_dev = 1 if mesh is None else int(mesh.devices.size)
     padded = -(-cohort_size // n_dev) * n_dev
     keep = return_updates or not aggregator.linear
-
-    def cohort_clients(message, d, keys, packed):
-        client_fn = guarded_client_fn(algorithm, message, system, clip_norm)
-        res = run_cohort(client_fn, d, keys, packed, parallelism, keep_updates=keep)
-        usum, wsum = res.update_sum, res.weight_sum
-        if mesh is not None:
-            usum, wsum = jax.lax.psum((usum, wsum), AXIS)
-        return usum, wsum, res.updates, res.weights, res.metrics, res.states
-
-    if mesh is not None:
-        spec = P(AXIS)
-        cohort_clients = jax.shard_map(
-            cohort_clients,
-            mesh=mesh,
-            in_specs=(P(), spec, spec, spec),
-            out_specs=(P(), P(), spec, spec, spec, spec),
-            check_vma=False,
-        )
+    step = build_cohort_step(
+        algorithm, parallelism, mesh, system=system, clip_norm=clip_norm, keep_updates=keep
+    )
 
     def round_fn(state: ServerState, data: ClientData, client_states: PyTree, seed: jax.Array):
         cohort = sample_cohort(seed, state.round, num_clients, cohort_size)
         # pad the cohort to a multiple of the device count with zero-example copies of client 0
         idx = jnp.concatenate([cohort, jnp.full((padded - cohort_size,), cohort[0])])
         real = jnp.arange(padded) < cohort_size
-        identity = padded == num_clients and cohort_size == num_clients
-        take = (lambda t: t) if identity else (lambda t: jax.tree.map(lambda a: a[idx], t))
-        d = take(data)
+        if gathered:
+            if data.y.shape[0] != cohort_size:
+                raise ValueError(
+                    f"gathered data holds {data.y.shape[0]} clients, expected {cohort_size}"
+                )
+            rows = jnp.where(real, jnp.arange(padded), 0)  # padding: copies of row 0
+            d = data if padded == cohort_size else jax.tree.map(lambda a: a[rows], data)
+        elif padded == num_clients and cohort_size == num_clients:
+            d = data
+        else:
+            d = jax.tree.map(lambda a: a[idx], data)
         d = d.replace(num_examples=jnp.where(real, d.num_examples, 0))
-        keys = jax.vmap(lambda c: rng.client_key(seed, state.round, c))(idx)
-        if system is None:
-            sysc = {
-                "active": jnp.ones((padded,), bool),
-                "byzantine": jnp.zeros((padded,), bool),
-                "max_steps": jnp.zeros((padded,), jnp.int32),
-            }
-        else:
-            sysc = {
-                "active": active_clients(system, seed, state.round, idx),
-                "byzantine": jnp.asarray(system.byzantine)[idx],
-                "max_steps": jnp.asarray(system.max_steps)[idx],
-            }
-        usum, wsum, updates, weights, metrics, states = cohort_clients(
-            algorithm.broadcast(state), d, keys, (take(client_states), sysc)
-        )
+        states = None if client_states is None else jax.tree.map(lambda a: a[idx], client_states)
+        sums = step(algorithm.broadcast(state), d, idx, states, seed, state.round)
         cut = lambda t: jax.tree.map(lambda a: a[:cohort_size], t)  # noqa: E731
-        weights, metrics, states = cut(weights), cut(metrics), cut(states)
-        updates = cut(updates) if keep else None
-        if aggregator.linear:
-            update = finalize_mean(usum, wsum)
-        else:
-            update = aggregator.aggregate(updates, weights)
-        participants = jnp.sum(weights > 0).astype(jnp.float32)
-        new_state = algorithm.server_update(state, update, participants)
+        sums = sums._replace(
+            weights=cut(sums.weights),
+            metrics=cut(sums.metrics),
+            states=cut(sums.states),
+            updates=cut(sums.updates) if keep else None,
+        )
+        new_state = server_step(algorithm, aggregator, state, sums)
         if client_states is not None:
-            client_states = jax.tree.map(lambda a, s: a.at[cohort].set(s), client_states, states)
-        info = RoundInfo(cohort, weights, metrics, updates if return_updates else None)
+            client_states = jax.tree.map(
+                lambda a, s: a.at[cohort].set(s), client_states, sums.states
+            )
+        info = RoundInfo(
+            cohort, sums.weights, sums.metrics, sums.updates if return_updates else None
+        )
         return new_state, client_states, info
 
     return round_fn
