@@ -237,8 +237,9 @@ def build(config: RunConfig, ray_cluster: RayOptions | None = None) -> Experimen
     else:
         mesh = client_mesh(min(config.devices or len(jax.devices()), config.cohort_size))
         if not streams_cohort(config):
-            # every device reads the hospitals it is given from its own copy
-            fed = dataclasses.replace(fed, train=replicate(fed.train, mesh))
+            # every round reads every hospital: keep one copy on each device
+            train = jax.device_put(fed.train) if mesh is None else replicate(fed.train, mesh)
+            fed = dataclasses.replace(fed, train=train)
         round_fn = jax.jit(
             build_round(
                 algorithm,

@@ -15,7 +15,7 @@ import numpy as np
 from medichain_jax.data.federation import _render_split
 from medichain_jax.data.phantom import hospital_profiles
 from medichain_jax.engine.parallel import Parallelism
-from medichain_jax.engine.round import build_round, client_mesh, sample_cohort
+from medichain_jax.engine.round import balanced_layout, build_round, client_mesh, sample_cohort
 from medichain_jax.fl.aggregators import weighted_mean
 from medichain_jax.fl.algorithm import initial_client_states
 from medichain_jax.fl.client import TrainHParams
@@ -147,3 +147,29 @@ def test_sharded_over_8_fake_devices_equals_single_device():
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
+
+def test_scaling_benchmark_point_reports_every_cohort():
+    """``python -m sim.bench scaling`` measures each point with the runner's own round."""
+    from sim.bench_scaling import measure_point
+
+    out = measure_point(4, [4, 2], 16, 8, False, rounds=1)
+    assert [c["cohort"] for c in out["cohorts"]] == [2, 4]
+    assert out["capacity"] == 16 and out["federation_gib"] > 0
+    for c in out["cohorts"]:
+        assert c["round_s"] > 0 and c["peak_rss_gib"] >= out["rss_after_data_gib"] * 0.99
+        assert c["clients_per_s"] == c["cohort"] / c["round_s"]
+
+
+def test_balanced_layout_deals_examples_evenly_over_devices():
+    """The default non-IID sizes: id order gives devices 100 / 66 SGD steps, the snake deal
+    84 / 82; every client appears once and each device gets the same number of clients."""
+    sizes = np.array([299, 459, 134, 512, 178, 512, 163, 136, 245, 392, 232, 149, 94, 91, 285])
+    sizes = np.concatenate([sizes, [382, 191, 111, 356, 98]])
+    steps = -(-sizes // 32)
+    for n_dev, worst in ((2, 84), (4, 43)):
+        order = np.asarray(balanced_layout(jnp.asarray(sizes), n_dev))
+        assert sorted(order.tolist()) == list(range(20))
+        per_device = steps[order].reshape(n_dev, -1).sum(1)
+        assert per_device.max() <= worst, per_device
+    assert steps[:10].sum() == 100  # what the id order gave

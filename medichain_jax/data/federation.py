@@ -152,9 +152,8 @@ def _render_split(
         x[hosp, idx, ..., 0] = out
         y[hosp, idx, 0] = flat_y
         lo = hi
-    return ClientData(
-        x=jnp.asarray(x), y=jnp.asarray(y), num_examples=jnp.asarray(sizes, jnp.int32)
-    )
+    # host (numpy) arrays: a round takes the rows it needs (jnp.asarray would copy them all)
+    return ClientData(x=x, y=y, num_examples=sizes.astype(np.int32))
 
 
 def _labels(rng: np.random.Generator, n: int, n_pos: int) -> np.ndarray:

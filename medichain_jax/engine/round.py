@@ -84,6 +84,23 @@ def guarded_client_fn(
     return client_fn
 
 
+def balanced_layout(num_examples: jax.Array, num_devices: int) -> jax.Array:
+    """Positions of the cohort's clients when split into ``num_devices`` equal contiguous blocks,
+    balancing examples (hence SGD steps) per device: clients sorted by size are dealt in snake
+    order (0, 1, .., d-1, d-1, .., 0, ...). Returns ``order`` with ``layout = cohort[order]``.
+
+    A device's round lasts as long as its largest total, so with quantity skew this matters:
+    the default 20 hospitals split 100 / 66 steps in id order, 84 / 82 dealt this way."""
+    m = num_examples.shape[0]
+    per_device = m // num_devices
+    ranks = jnp.argsort(-num_examples, stable=True)
+    r = jnp.arange(m)
+    lane = r % num_devices
+    device = jnp.where((r // num_devices) % 2 == 0, lane, num_devices - 1 - lane)
+    position = device * per_device + r // num_devices
+    return jnp.zeros((m,), ranks.dtype).at[position].set(ranks)
+
+
 class CohortSums(NamedTuple):
     """A cohort's (or a shard of a cohort's) contribution to one round: the streamed weighted
     sum of updates and of weights, and per-client ``[m]`` weights, metrics, new states and
@@ -234,7 +251,16 @@ def build_round(
             d = jax.tree.map(lambda a: a[idx], data)
         d = d.replace(num_examples=jnp.where(real, d.num_examples, 0))
         states = None if client_states is None else jax.tree.map(lambda a: a[idx], client_states)
-        sums = step(algorithm.broadcast(state), d, idx, states, seed, state.round)
+        if n_dev > 1:  # deal clients to devices so each trains about as many examples
+            order = balanced_layout(d.num_examples, n_dev)
+            d, ids, states = jax.tree.map(lambda a: a[order], (d, idx, states))
+            sums = step(algorithm.broadcast(state), d, ids, states, seed, state.round)
+            back = jnp.argsort(order)
+            per_client = (sums.weights, sums.metrics, sums.states, sums.updates)
+            weights, metrics, states, updates = jax.tree.map(lambda a: a[back], per_client)
+            sums = sums._replace(weights=weights, metrics=metrics, states=states, updates=updates)
+        else:
+            sums = step(algorithm.broadcast(state), d, idx, states, seed, state.round)
         cut = lambda t: jax.tree.map(lambda a: a[:cohort_size], t)  # noqa: E731
         sums = sums._replace(
             weights=cut(sums.weights),
