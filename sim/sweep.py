@@ -264,10 +264,18 @@ def write_results(
     return table
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _cell(row: dict[str, Any], column: str, grid: dict[str, Any]) -> str:
+    """Grid values as written in the file, seconds as integers, metrics with 4 decimals."""
+    value = row.get(column)
+    if column in grid or column == "n":
+        return str(value)
+    return _fmt(value, 0 if column == "total_s" else 4)
 
 
 def _markdown(spec, rows, grouped, keys) -> str:
@@ -277,7 +285,7 @@ def _markdown(spec, rows, grouped, keys) -> str:
     lines += [f"Reproduce: `{spec['command']}`", ""]
     cols = [*spec["grid"], "federated_mean", "pooled_test", "attempts", "total_s", "status"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r, c, spec["grid"]) for c in cols) + " |" for r in rows]
     if "seed" in spec["grid"] and grouped:
         cols = [*keys, "mean", "std", "n"]
         lines += [
@@ -287,7 +295,9 @@ def _markdown(spec, rows, grouped, keys) -> str:
             "| " + " | ".join(cols) + " |",
             "|" + "---|" * len(cols),
         ]
-        lines += ["| " + " | ".join(_fmt(g[c]) for c in cols) + " |" for g in grouped]
+        lines += [
+            "| " + " | ".join(_cell(g, c, spec["grid"]) for c in cols) + " |" for g in grouped
+        ]
     return "\n".join(lines) + "\n"
 
 
