@@ -311,7 +311,11 @@ def ray_options(args: argparse.Namespace):
         return None
     if "ray" not in given:
         flags = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
-        raise ConfigError(f"{flags} only apply with --ray")
+        raise ConfigError(f"{flags}: only with --ray")
+    for name in ("cpus_per_actor", "gpus_per_actor"):
+        value = getattr(args, name, None)
+        if value is not None and value < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {value}")
     from sim.runner import RayOptions
 
     return RayOptions(
@@ -332,6 +336,7 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
         overrides = {k: v for k, v in values.items() if k not in RUN_ONLY}
         source = f"{values['config']} + flags" if "config" in values else "flags"
         config = RunConfig.from_dict({**base, **overrides}, source=source)
+        ray_options(args)  # validated with the rest: run-only, not part of the config
     except ConfigError as err:
         parser.error(str(err))
     return config, args

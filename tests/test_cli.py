@@ -29,6 +29,9 @@ from sim.config import RunConfig
         (["--dropout", "1"], "dropout must be a probability"),
         (["--rounds", "5", "--join-round", "5"], "join_round must be in [0, rounds)"),
         (["--attack-scale", "inf"], "attack_scale must be a finite number >= 0"),
+        (["--address", "auto"], "--address: only with --ray"),
+        (["--ray", "--cpus-per-actor", "-1"], "--cpus-per-actor must be >= 0"),
+        (["--ray", "--ray-actors", "0"], "--ray-actors"),
     ],
 )
 def test_bad_flags_rejected_clearly(argv, needle, capsys):
