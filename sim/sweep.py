@@ -108,9 +108,10 @@ def attempts(workdir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def execute_run(config_dict: dict[str, Any], workdir: str) -> dict[str, Any]:
-    """Body of one sweep task (runs inside a Ray worker): record the attempt, then run or
-    continue the simulation from its latest checkpoint."""
+def execute_run(config_dict: dict[str, Any], workdir: str, fresh: bool = False) -> dict[str, Any]:
+    """Body of one sweep task (runs inside a Ray worker): record the attempt, then run the
+    simulation, continuing from its latest checkpoint unless ``fresh`` (``--force``) or the
+    folder holds another config."""
     import socket
 
     from sim.runner import run
@@ -120,6 +121,8 @@ def execute_run(config_dict: dict[str, Any], workdir: str) -> dict[str, Any]:
     path.mkdir(parents=True, exist_ok=True)
     saved = path / "config.json"
     same = saved.exists() and json.loads(saved.read_text()) == config.to_dict()
+    if fresh and not (path / ATTEMPTS).exists():
+        same = False  # --force: this sweep's first attempt starts over; its retries resume
     with (path / ATTEMPTS).open("a") as f:
         record = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
         f.write(json.dumps(record) + "\n")
@@ -181,7 +184,8 @@ def run_sweep(
             config = spec["runs"][name][1]
             if force:
                 (out / name / "summary.json").unlink(missing_ok=True)
-            pending[task.remote(config.to_dict(), str((out / name).resolve()))] = name
+                (out / name / ATTEMPTS).unlink(missing_ok=True)
+            pending[task.remote(config.to_dict(), str((out / name).resolve()), force)] = name
         log(f"{len(pending)} runs submitted ({len(spec['runs']) - len(pending)} done already)")
         t0 = time.perf_counter()
         while pending:

@@ -122,3 +122,22 @@ def test_sweep_on_local_ray_cluster_retries_a_killed_worker_and_resumes(tmp_path
     assert [r["federated_mean"] for r in again["runs"]] == [
         r["federated_mean"] for r in table["runs"]
     ]
+
+
+def test_force_starts_a_finished_run_over_and_a_retry_resumes(tmp_path):
+    """The task body without Ray: a retry (attempts logged) continues from the checkpoint, so a
+    finished run is only summarized again; ``fresh`` (``--force``) trains it again."""
+    from sim.config import RunConfig
+    from sim.sweep import execute_run
+
+    cfg = RunConfig(**{**BASE, "rounds": 2}).to_dict()
+    first = execute_run(cfg, str(tmp_path))
+    seconds = [json.loads(x)["seconds"] for x in (tmp_path / "metrics.jsonl").open()]
+    again = execute_run(cfg, str(tmp_path))  # like a Ray retry: resumes at round 2 of 2
+    assert again["federated"] == first["federated"]
+    assert [json.loads(x)["seconds"] for x in (tmp_path / "metrics.jsonl").open()] == seconds
+    (tmp_path / "attempts.jsonl").unlink()  # what run_sweep(force=True) does before submitting
+    forced = execute_run(cfg, str(tmp_path), fresh=True)
+    assert forced["federated"] == first["federated"]  # same seed, same numbers
+    assert [json.loads(x)["seconds"] for x in (tmp_path / "metrics.jsonl").open()] != seconds
+    assert len(attempts(tmp_path)) == 1
