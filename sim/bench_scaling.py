@@ -10,6 +10,7 @@ federation. Writes ``results/bench/scaling.json`` and ``scaling.png``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -47,7 +48,7 @@ def measure_point(
     from medichain_jax import rng
     from medichain_jax.fl.algorithm import initial_client_states
     from sim.config import RunConfig
-    from sim.runner import build, play_round
+    from sim.runner import build, compile_round, play_round, training_parts
 
     t0 = time.perf_counter()
     out: dict[str, Any] = {"hospitals": hospitals, "train_per_hospital": train, "non_iid": non_iid}
@@ -66,13 +67,15 @@ def measure_point(
             out["rss_after_data_gib"] = _rss_gib()
             out["federation_gib"] = (fed.train.x.nbytes + fed.test.x.nbytes) / 2**30
             out["capacity"] = fed.train.capacity
-        else:
-            import dataclasses
-
-            exp = dataclasses.replace(build_round_only(cfg, exp), config=cfg)
+        else:  # the same federation, the round compiled for this cohort size
+            mesh, round_fn, sample_fn = compile_round(cfg, training_parts(cfg, exp.federation))
+            exp = dataclasses.replace(
+                exp, config=cfg, mesh=mesh, round_fn=round_fn, sample_fn=sample_fn
+            )
         assert cfg.cohort_size == m
-        state = exp.algorithm.init(exp.model.init(rng.stream(cfg.seed, rng.INIT)))
-        cstates = initial_client_states(exp.algorithm, exp.model.init(jax.random.key(0)), hospitals)
+        init = exp.model.init(rng.stream(cfg.seed, rng.INIT))
+        state = exp.algorithm.init(init)
+        cstates = initial_client_states(exp.algorithm, init, hospitals)
         seed = jnp.uint32(cfg.seed)
         times = []
         for _ in range(rounds + 1):
@@ -94,32 +97,6 @@ def measure_point(
         )
     out["total_s"] = time.perf_counter() - t0
     return out
-
-
-def build_round_only(cfg, exp):
-    """``exp`` with the round and the sampler rebuilt for ``cfg``'s cohort size (the federation
-    is reused: it depends on the hospitals, not on the cohort)."""
-    import dataclasses
-
-    import jax
-
-    from medichain_jax.engine.round import build_round, client_mesh, sample_cohort
-    from sim.runner import streams_cohort
-
-    mesh = client_mesh(min(len(jax.devices()), cfg.cohort_size))
-    round_fn = jax.jit(
-        build_round(
-            exp.algorithm,
-            cfg.hospitals,
-            cfg.cohort_size,
-            exp.parallelism,
-            mesh=mesh,
-            gathered=streams_cohort(cfg),
-        )
-    )
-    n, m = cfg.hospitals, cfg.cohort_size
-    sample = jax.jit(lambda seed, rnd: sample_cohort(seed, rnd, n, m))
-    return dataclasses.replace(exp, round_fn=round_fn, mesh=mesh, sample_fn=sample)
 
 
 def _plot(points: list[dict[str, Any]], path: Path) -> None:

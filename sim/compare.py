@@ -14,7 +14,6 @@ contribution metrics ``contribution.noisy_max_shapley`` / ``clean_min_shapley`` 
 from __future__ import annotations
 
 import argparse
-import json
 import operator
 import sys
 import time
@@ -26,7 +25,7 @@ import yaml
 
 from sim.config import ConfigError, RunConfig
 from sim.devices import use_host_cores
-from sim.results import write_json
+from sim.results import finished_summary, write_json
 
 RANKED = ("shapley", "loo", "shapley_median", "loo_median")  # contribution scores compared
 OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
@@ -213,13 +212,11 @@ def run_experiment(spec: dict[str, Any], *, force: bool = False, progress: bool 
     results: dict[str, dict] = {}
     for name, config in spec["configs"].items():
         workdir = out / name
-        done = workdir / "summary.json"
-        if done.exists() and not force:
-            summary = json.loads(done.read_text())
-            if summary.get("run_id") == config.run_id():
-                print(f"[{name}] done already ({done})", file=sys.stderr)
-                results[name] = _with_derived(summary)
-                continue
+        summary = None if force else finished_summary(workdir, config.run_id())
+        if summary is not None:
+            print(f"[{name}] done already ({workdir / 'summary.json'})", file=sys.stderr)
+            results[name] = _with_derived(summary)
+            continue
         print(f"[{name}] running {config.run_id()} -> {workdir}", file=sys.stderr)
         t0 = time.perf_counter()
         summary = run(config, workdir, progress=progress)

@@ -23,3 +23,10 @@ def use_host_cores(count: int | None = None) -> int:
     count = count or os.cpu_count() or 1
     os.environ["XLA_FLAGS"] = f"{flags} {FLAG}={count}".strip()
     return count
+
+
+def worker_env(count: int) -> dict:
+    """A Ray ``runtime_env`` giving a worker ``count`` XLA host devices, whatever this process's
+    own device-count flag says (it would otherwise be inherited)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(FLAG + "=")]
+    return {"env_vars": {"XLA_FLAGS": " ".join([*flags, f"{FLAG}={max(1, int(count))}"])}}

@@ -26,7 +26,7 @@ from medichain_jax.engine.round import (
     server_step,
 )
 from sim.config import ConfigError, RunConfig
-from sim.devices import FLAG
+from sim.devices import worker_env
 
 
 def import_ray():
@@ -99,14 +99,6 @@ class ShardWorker:
         return jax.device_get(out)
 
 
-def _actor_env() -> dict[str, Any]:
-    """One XLA host device per actor: the driver's device-count flag is not inherited."""
-    flags = " ".join(
-        p for p in os.environ.get("XLA_FLAGS", "").split() if not p.startswith(FLAG + "=")
-    )
-    return {"env_vars": {"XLA_FLAGS": f"{flags} {FLAG}=1".strip()}}
-
-
 class RayRound:
     """Drop-in for the jitted ``round_fn``: same signature and outputs, run on Ray actors."""
 
@@ -132,7 +124,7 @@ class RayRound:
         self.algorithm, self.aggregator = parts.algorithm, parts.aggregator
         self.return_updates = config.contribution
         remote = ray.remote(ShardWorker).options(
-            num_cpus=cpu_each, num_gpus=gpu_each, runtime_env=_actor_env()
+            num_cpus=cpu_each, num_gpus=gpu_each, runtime_env=worker_env(1)
         )
         self.actors = [
             remote.remote(config.to_dict(), int(lo), int(hi))
@@ -160,10 +152,9 @@ class RayRound:
         message = jax.device_get(self._broadcast(state))
         seed_h, rnd_h = np.asarray(seed), np.asarray(state.round)
         owner = np.searchsorted(self.bounds, cohort, side="right") - 1
-        calls, counts = [], []
+        calls = []
         for j, actor in enumerate(self.actors):
             ids = cohort[owner == j]
-            counts.append(len(ids))
             if not len(ids):
                 continue
             size = padded_share(len(ids), self.bucket, int(self.bounds[j + 1] - self.bounds[j]))

@@ -52,3 +52,13 @@ class MetricsLog:
         """Add one round's line."""
         with self.path.open("a") as fh:
             fh.write(json.dumps(to_jsonable(record)) + "\n")
+
+
+def finished_summary(workdir: Path, run_id: str) -> dict[str, Any] | None:
+    """The run's ``summary.json`` when it finished with this very config (run id), else None:
+    how ``sim.compare`` and ``sim.sweep`` skip finished runs."""
+    done = Path(workdir) / "summary.json"
+    if not done.exists():
+        return None
+    summary = json.loads(done.read_text())
+    return summary if summary.get("run_id") == run_id else None

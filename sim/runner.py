@@ -222,42 +222,49 @@ def cohort_rows(data: Any, cohort: np.ndarray) -> Any:
     return jax.tree.map(lambda a: np.asarray(a)[cohort], data)
 
 
+def compile_round(config: RunConfig, parts: TrainingParts):
+    """``(mesh, round_fn, sample_fn)`` of one process: the jitted round over the cohort split on
+    a mesh of the local devices and, with client sampling, the jitted ``(seed, round) ->
+    cohort`` whose rows ``play_round`` streams in (None otherwise)."""
+    mesh = client_mesh(min(config.devices or len(jax.devices()), config.cohort_size))
+    round_fn = jax.jit(
+        build_round(
+            parts.algorithm,
+            config.hospitals,
+            config.cohort_size,
+            parts.parallelism,
+            parts.aggregator,
+            mesh,
+            system=parts.system,
+            clip_norm=config.clip_norm,
+            return_updates=config.contribution,
+            gathered=streams_cohort(config),
+        )
+    )
+    sample_fn = None
+    if streams_cohort(config):
+        n, m = config.hospitals, config.cohort_size
+        sample_fn = jax.jit(lambda seed, rnd: sample_cohort(seed, rnd, n, m))
+    return mesh, round_fn, sample_fn
+
+
 def build(config: RunConfig, ray_cluster: RayOptions | None = None) -> Experiment:
     """Data, model, algorithm and the jitted round / eval functions for ``config``; with
     ``ray_cluster`` the round runs on Ray actors that each hold a shard of the hospitals."""
     fed, noisy = build_federation(config)
     parts = training_parts(config, fed)
     model, hp, algorithm, system = parts.model, parts.hparams, parts.algorithm, parts.system
-    parallelism = parts.parallelism
     if ray_cluster is not None:
         from sim.ray_sim import RayRound
 
-        mesh = None
+        mesh, sample_fn = None, None
         round_fn = RayRound(config, parts, ray_cluster)
     else:
-        mesh = client_mesh(min(config.devices or len(jax.devices()), config.cohort_size))
-        if not streams_cohort(config):
+        mesh, round_fn, sample_fn = compile_round(config, parts)
+        if sample_fn is None:
             # every round reads every hospital: keep one copy on each device
             train = jax.device_put(fed.train) if mesh is None else replicate(fed.train, mesh)
             fed = dataclasses.replace(fed, train=train)
-        round_fn = jax.jit(
-            build_round(
-                algorithm,
-                config.hospitals,
-                config.cohort_size,
-                parallelism,
-                parts.aggregator,
-                mesh,
-                system=system,
-                clip_norm=config.clip_norm,
-                return_updates=config.contribution,
-                gathered=streams_cohort(config),
-            )
-        )
-    sample_fn = None
-    if ray_cluster is None and streams_cohort(config):
-        n, m = config.hospitals, config.cohort_size
-        sample_fn = jax.jit(lambda seed, rnd: sample_cohort(seed, rnd, n, m))
     task = fed.task
     eval_fn = jax.jit(lambda variables, data: evaluate(model, variables, data, task=task))
     personal_eval_fn = None
@@ -293,7 +300,7 @@ def build(config: RunConfig, ray_cluster: RayOptions | None = None) -> Experimen
         model,
         hp,
         algorithm,
-        parallelism,
+        parts.parallelism,
         mesh,
         round_fn,
         eval_fn,
@@ -312,7 +319,8 @@ def play_round(exp: Experiment, state, client_states, seed: jax.Array):
     data = exp.federation.train
     if exp.sample_fn is not None:
         data = cohort_rows(data, np.asarray(exp.sample_fn(seed, state.round)))
-    return exp.round_fn(state, data, replicate(client_states, exp.mesh), seed)
+    state, client_states = replicate((state, client_states), exp.mesh)
+    return exp.round_fn(state, data, client_states, seed)
 
 
 def param_bytes(tree: Any) -> int:

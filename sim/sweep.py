@@ -26,8 +26,8 @@ import numpy as np
 import yaml
 
 from sim.config import ConfigError, RunConfig
-from sim.devices import FLAG
-from sim.results import write_json
+from sim.devices import worker_env
+from sim.results import finished_summary, write_json
 
 DEFAULT_RESOURCES = {"num_cpus": 1, "num_gpus": 0}
 ATTEMPTS = "attempts.jsonl"  # one line per start of a run's task: pid, host, time
@@ -91,15 +91,6 @@ def load_sweep(path: Path) -> dict[str, Any]:
     }
 
 
-def finished(workdir: Path, config: RunConfig) -> dict[str, Any] | None:
-    """The run's summary when it finished with this very config, else None."""
-    done = workdir / "summary.json"
-    if not done.exists():
-        return None
-    summary = json.loads(done.read_text())
-    return summary if summary.get("run_id") == config.run_id() else None
-
-
 def attempts(workdir: Path) -> list[dict[str, Any]]:
     """Every recorded start of the run's task (a retried run has more than one)."""
     path = workdir / ATTEMPTS
@@ -129,16 +120,6 @@ def execute_run(config_dict: dict[str, Any], workdir: str, fresh: bool = False) 
     return run(config, path, resume=same, progress=False)
 
 
-def _task_env(num_cpus: float) -> dict[str, Any]:
-    """Runtime env of a task: one XLA host device per CPU it holds (as ``python -m sim``
-    gives one per core), set before jax starts in the worker."""
-    devices = max(1, int(num_cpus))
-    flags = " ".join(
-        p for p in os.environ.get("XLA_FLAGS", "").split() if not p.startswith(FLAG + "=")
-    )
-    return {"env_vars": {"XLA_FLAGS": f"{flags} {FLAG}={devices}".strip()}}
-
-
 def run_sweep(
     spec: dict[str, Any],
     *,
@@ -156,7 +137,7 @@ def run_sweep(
     failures: dict[str, str] = {}
     todo = []
     for name, (_, config) in spec["runs"].items():
-        summary = None if force else finished(out / name, config)
+        summary = None if force else finished_summary(out / name, config.run_id())
         if summary is not None:
             log(f"[{name}] done already")
             summaries[name] = summary
@@ -177,7 +158,7 @@ def run_sweep(
             num_cpus=res["num_cpus"],
             num_gpus=res["num_gpus"],
             max_retries=spec["max_retries"],
-            runtime_env=_task_env(res["num_cpus"]),
+            runtime_env=worker_env(res["num_cpus"]),  # one XLA device per CPU held
         )
         pending = {}
         for name in todo:

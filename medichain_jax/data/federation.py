@@ -57,7 +57,9 @@ class Federation:
 def pad_and_stack(
     list_of_x: Sequence[np.ndarray], list_of_y: Sequence[np.ndarray], capacity: int | None = None
 ) -> ClientData:
-    """Stack per-client host arrays into one padded ClientData (padding rows are zero)."""
+    """Stack per-client host arrays into one padded ClientData of host (numpy) arrays; padding
+    rows are zero. ``jnp.asarray`` of a large array makes full copies; a round takes the rows it
+    needs, and ``sim.runner.build`` puts whole federations on the devices when it needs them."""
     if len(list_of_x) != len(list_of_y) or not list_of_x:
         raise ValueError("need the same, non-zero number of x and y arrays")
     xs = [np.asarray(x, np.float32) for x in list_of_x]
@@ -75,7 +77,7 @@ def pad_and_stack(
     for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
         x_out[i, : x.shape[0]] = x
         y_out[i, : y.shape[0]] = y
-    return ClientData(x=jnp.asarray(x_out), y=jnp.asarray(y_out), num_examples=jnp.asarray(sizes))
+    return ClientData(x=x_out, y=y_out, num_examples=sizes)
 
 
 def federation_from_rows(
@@ -152,8 +154,7 @@ def _render_split(
         x[hosp, idx, ..., 0] = out
         y[hosp, idx, 0] = flat_y
         lo = hi
-    # host (numpy) arrays: a round takes the rows it needs (jnp.asarray would copy them all)
-    return ClientData(x=x, y=y, num_examples=sizes.astype(np.int32))
+    return ClientData(x=x, y=y, num_examples=sizes.astype(np.int32))  # host arrays, as above
 
 
 def _labels(rng: np.random.Generator, n: int, n_pos: int) -> np.ndarray:
