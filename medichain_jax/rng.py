@@ -12,6 +12,7 @@ import jax
 # Independent streams folded into the root key.
 TRAIN, COHORT, INIT, DATA, BASELINE = 0, 1, 2, 3, 4
 SYSTEM, DROPOUT, PERSONAL, CONTRIBUTION, LABEL_NOISE = 5, 6, 7, 8, 9
+DP_NOISE, RECORD_NOISE = 10, 11
 
 
 def stream(seed: int | jax.Array, tag: int) -> jax.Array:

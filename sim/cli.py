@@ -15,12 +15,15 @@ from medichain_jax.engine.parallel import STRATEGIES
 from medichain_jax.fl.contribution import UTILITIES
 from medichain_jax.metrics import TASKS
 from medichain_jax.models import MODELS, NORMS
+from medichain_jax.privacy.accounting import ACCOUNTANTS
+from medichain_jax.privacy.secagg import SecAggAbort
 from sim.config import (
     AGGREGATORS,
     ALGORITHMS,
     ATTACKS,
     DATASET_PARTITIONS,
     DATASETS,
+    SECAGG_MODES,
     SERVER_OPTIMIZERS,
     ConfigError,
     RunConfig,
@@ -281,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop (with a checkpoint) after this round; --resume continues",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_privacy_flags(p, d)
     ray = p.add_argument_group("multi-node simulation (Ray actors; changes no number)")
     ray.add_argument(
         "--ray",
@@ -298,6 +302,70 @@ def build_parser() -> argparse.ArgumentParser:
     ray.add_argument("--cpus-per-actor", type=float, help="CPUs each actor declares")
     ray.add_argument("--gpus-per-actor", type=float, help="GPUs each actor declares")
     return p
+
+
+def _add_privacy_flags(p: argparse.ArgumentParser, d: RunConfig) -> None:
+    g = p.add_argument_group("privacy (differential privacy, accounting, secure aggregation)")
+    g.add_argument(
+        "--dp-clip",
+        type=_float,
+        help="client-level DP-FedAvg: clip each hospital's update to this L2 norm "
+        "(with --dp-record-level: each example's gradient)",
+    )
+    g.add_argument(
+        "--dp-noise",
+        type=_float,
+        help="noise multiplier z: Gaussian noise of stddev z * clip on the sum",
+    )
+    g.add_argument(
+        "--dp-adaptive-clip",
+        action="store_true",
+        help="adapt the clip norm to the --dp-target-quantile of update norms (Andrew et al.)",
+    )
+    g.add_argument(
+        "--dp-target-quantile",
+        type=_float,
+        help=f"adaptive clipping: quantile of update norms to track (default "
+        f"{d.dp_target_quantile})",
+    )
+    g.add_argument(
+        "--dp-clip-lr",
+        type=_float,
+        help=f"adaptive clipping: geometric learning rate (default {d.dp_clip_lr})",
+    )
+    g.add_argument(
+        "--dp-count-noise",
+        type=_float,
+        help="adaptive clipping: stddev of the clipped-count noise (default cohort / 20)",
+    )
+    g.add_argument(
+        "--dp-record-level",
+        action="store_true",
+        help="record-level DP-SGD inside each hospital (per-example clipping) instead",
+    )
+    g.add_argument("--delta", type=_float, help="DP delta (default min(1e-5, 1/N))")
+    g.add_argument(
+        "--target-epsilon",
+        type=_float,
+        help="without --dp-noise: calibrate z so all rounds spend exactly this epsilon; "
+        "with --dp-noise: stop training before this epsilon would be exceeded",
+    )
+    g.add_argument(
+        "--accountant", choices=ACCOUNTANTS, help=f"privacy accountant (default {d.accountant})"
+    )
+    g.add_argument(
+        "--secagg",
+        nargs="?",
+        const="fast",
+        choices=SECAGG_MODES,
+        help="secure aggregation: 'fast' (vectorized field sum, the default with a bare "
+        "--secagg) or 'exact' (also runs the full masked protocol on the host each round)",
+    )
+    g.add_argument(
+        "--secagg-threshold",
+        type=_positive_int,
+        help="SecAgg: hospitals that must survive a round (default cohort // 2 + 1)",
+    )
 
 
 RAY_FLAGS = ("ray", "address", "ray_actors", "cpus_per_actor", "gpus_per_actor")
@@ -336,7 +404,8 @@ def parse(argv: list[str] | None = None) -> tuple[RunConfig, argparse.Namespace]
         overrides = {k: v for k, v in values.items() if k not in RUN_ONLY}
         source = f"{values['config']} + flags" if "config" in values else "flags"
         config = RunConfig.from_dict({**base, **overrides}, source=source)
-        ray_options(args)  # validated with the rest: run-only, not part of the config
+        if ray_options(args) is not None and (config.dp_clip is not None or config.secagg != "off"):
+            raise ConfigError("--ray does not run DP or secure aggregation yet: drop --ray")
     except ConfigError as err:
         parser.error(str(err))
     return config, args
@@ -362,6 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, *DATA_ERRORS) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except SecAggAbort as err:
+        print(
+            f"aborted: {err}; results so far and the last checkpoint are in {out}", file=sys.stderr
+        )
+        return 3
     if "stopped_after" in summary:
         print(f"stopped after round {summary['stopped_after']}; continue with --resume --out {out}")
         return 0

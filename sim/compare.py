@@ -142,6 +142,26 @@ def _table(spec: dict[str, Any], results: dict[str, dict], claims: list[dict]) -
             f"{'-' if pers is None else f'{pers:.4f}'} | {s['federated']['pooled_test']:.4f} | "
             f"{len(s.get('rejected_updates', []))} | {s['timing']['total_s']:.0f} |"
         )
+    private = {n: s for n, s in results.items() if "privacy" in s}
+    if any(s["privacy"].get("delta") is not None for s in private.values()):
+        lines += [
+            "",
+            "| run | DP | epsilon | delta | noise multiplier | clip norm (final) | AUC |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, s in private.items():
+            p = s["privacy"]
+            if p.get("delta") is None:
+                lines.append(f"| {name} | none | inf | - | - | - | {s['federated']['mean']:.4f} |")
+                continue
+            clip = f"{p['clip_norm']:g}"
+            if p.get("final_clip_norm") is not None:
+                clip += f" ({p['final_clip_norm']:.3g})"
+            lines.append(
+                f"| {name} | {p['mechanism'].split(' (')[0]} | {p['epsilon']:.3f} | "
+                f"{p['delta']:g} | {p['noise_multiplier']:.3f} | {clip} | "
+                f"{s['federated']['mean']:.4f} |"
+            )
     contrib = {n: s for n, s in results.items() if s.get("contribution")}
     if contrib:
         lines += [
@@ -204,6 +224,51 @@ def _plot(results: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _privacy_plot(results: dict[str, dict], path: Path) -> bool:
+    """AUC against epsilon, one line per DP mechanism (with its no-DP runs drawn at the right
+    end, epsilon = inf); False (nothing written) when no run used DP."""
+    dp = {n: s for n, s in results.items() if s.get("privacy", {}).get("delta") is not None}
+    if not dp:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families: dict[str, list[tuple[float, float]]] = {}
+    for s in dp.values():
+        kind = s["privacy"]["mechanism"].split(" (")[0]
+        families.setdefault(kind, []).append((s["privacy"]["epsilon"], s["federated"]["mean"]))
+    finite = [e for pts in families.values() for e, _ in pts]
+    inf_x = max(finite) * 3
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, (kind, pts) in enumerate(sorted(families.items())):
+        color = f"C{i}"
+        prefix = kind.split("-")[0]  # runs named <prefix>-... share the family's no-DP baseline
+        base = [
+            s["federated"]["mean"]
+            for n, s in results.items()
+            if n not in dp and n.startswith(prefix)
+        ]
+        pts = sorted(pts) + [(inf_x, b) for b in base[:1]]
+        ax.plot([e for e, _ in pts], [a for _, a in pts], marker="o", color=color, label=kind)
+        for e, a in pts:
+            ax.annotate(f"{a:.3f}", (e, a), textcoords="offset points", xytext=(0, 6), fontsize=7)
+    ax.set_xscale("log")
+    ticks = sorted({round(e, 2) for e in finite})
+    ax.set_xticks([*ticks, inf_x], [*(f"{t:g}" for t in ticks), "inf (no DP)"])
+    ax.set(
+        xlabel="epsilon (log scale)", ylabel="mean per-hospital AUC", title="Accuracy vs privacy"
+    )
+    ax.set_ylim(0.4, 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def run_experiment(spec: dict[str, Any], *, force: bool = False, progress: bool = True) -> dict:
     """Run (or reuse) every run of ``spec``; write and return the comparison."""
     from sim.runner import run
@@ -229,6 +294,8 @@ def run_experiment(spec: dict[str, Any], *, force: bool = False, progress: bool 
             "personalized_auc": s.get("personalized", {}).get("mean"),
             "pooled_test_auc": s["federated"]["pooled_test"],
             "rejected_updates": len(s.get("rejected_updates", [])),
+            "epsilon": s.get("privacy", {}).get("epsilon"),
+            "delta": s.get("privacy", {}).get("delta"),
             "total_s": s["timing"]["total_s"],
             "config": f"{name}/config.json",
             **{f"contribution.{k}": v for k, v in derived(s).items()},
@@ -244,6 +311,7 @@ def run_experiment(spec: dict[str, Any], *, force: bool = False, progress: bool 
     write_json(out / "comparison.json", comparison)
     (out / "comparison.md").write_text(_table(spec, results, claims))
     _plot(results, out / "comparison.png")
+    _privacy_plot(results, out / "privacy.png")
     return comparison
 
 

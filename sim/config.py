@@ -19,6 +19,7 @@ from medichain_jax.fl.registry import ALGORITHMS, SERVER_ALIASES
 from medichain_jax.fl.server_opt import SERVER_OPTIMIZERS
 from medichain_jax.metrics import TASKS
 from medichain_jax.models import FLAT_MODELS, MODELS, NORMS
+from medichain_jax.privacy.accounting import ACCOUNTANTS
 
 DATASETS = ("phantom", "lidc-annotations", "nih", "lidc")
 # per dataset: its partitions (the first is the default) and its default model
@@ -36,7 +37,20 @@ _OPTIONAL = {
     "partition": None,
     "vendor_map": None,
     "task": "classification",
+    "dp_clip": None,
+    "dp_noise": None,
+    "dp_adaptive_clip": False,
+    "dp_target_quantile": 0.5,
+    "dp_clip_lr": 0.2,
+    "dp_count_noise": None,
+    "dp_record_level": False,
+    "delta": None,
+    "target_epsilon": None,
+    "accountant": "rdp",
+    "secagg": "off",
+    "secagg_threshold": None,
 }
+SECAGG_MODES = ("off", "fast", "exact")
 __all__ = ["AGGREGATORS", "ALGORITHMS", "ATTACKS", "DATASETS", "SERVER_OPTIMIZERS", "RunConfig"]
 
 
@@ -101,6 +115,19 @@ class RunConfig:
     baselines: bool = False
     eval_every: int = 1
     checkpoint_every: int = 5
+    # privacy: client-level DP-FedAvg (or record-level DP-SGD), accounting, secure aggregation
+    dp_clip: float | None = None
+    dp_noise: float | None = None
+    dp_adaptive_clip: bool = False
+    dp_target_quantile: float = 0.5
+    dp_clip_lr: float = 0.2
+    dp_count_noise: float | None = None
+    dp_record_level: bool = False
+    delta: float | None = None
+    target_epsilon: float | None = None
+    accountant: str = "rdp"
+    secagg: str = "off"
+    secagg_threshold: int | None = None
 
     def __post_init__(self):
         if self.dataset in DEFAULT_MODEL and self.model is None:
@@ -301,3 +328,60 @@ def _check(c: RunConfig) -> None:
     need(c.devices is None or c.devices >= 1, "devices", "must be >= 1")
     need(c.eval_every >= 1, "eval_every", "must be >= 1")
     need(c.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+    _check_privacy(c, need)
+
+
+def _check_privacy(c: RunConfig, need) -> None:
+    dp = c.dp_clip is not None
+    need(c.dp_clip is None or c.dp_clip > 0, "dp_clip", "must be > 0")
+    for field in ("dp_noise", "target_epsilon", "delta", "dp_count_noise"):
+        need(getattr(c, field) is None or dp, field, "needs dp_clip (--dp-clip C)")
+    for field in ("dp_adaptive_clip", "dp_record_level"):
+        need(not getattr(c, field) or dp, field, "needs dp_clip (--dp-clip C)")
+    need(
+        not dp or c.dp_noise is not None or c.target_epsilon is not None,
+        "dp_noise",
+        "must be set (--dp-noise Z), or --target-epsilon given to calibrate it",
+    )
+    need(c.dp_noise is None or c.dp_noise >= 0, "dp_noise", "must be >= 0")
+    need(c.target_epsilon is None or c.target_epsilon > 0, "target_epsilon", "must be > 0")
+    need(c.delta is None or 0 < c.delta < 1, "delta", "must be in (0, 1)")
+    need(0 < c.dp_target_quantile < 1, "dp_target_quantile", "must be in (0, 1)")
+    need(c.dp_clip_lr > 0, "dp_clip_lr", "must be > 0")
+    need(c.dp_count_noise is None or c.dp_count_noise > 0, "dp_count_noise", "must be > 0")
+    need(
+        not (c.dp_adaptive_clip and c.dp_record_level),
+        "dp_adaptive_clip",
+        "applies to client-level DP, not with dp_record_level",
+    )
+    need(
+        not c.dp_record_level or c.norm != "batch",
+        "norm",
+        "cannot be 'batch' with record-level DP (per-example gradients)",
+    )
+    sigma_b = c.dp_count_noise if c.dp_count_noise is not None else c.cohort_size / 20
+    need(
+        not c.dp_adaptive_clip or c.dp_noise is None or 2 * sigma_b > c.dp_noise,
+        "dp_adaptive_clip",
+        f"needs count noise sigma_b={sigma_b:g} (--dp-count-noise, default cohort / 20) above "
+        "dp_noise / 2: adaptive clipping takes its noise from the same budget",
+    )
+    need(c.accountant in ACCOUNTANTS, "accountant", f"must be one of {ACCOUNTANTS}")
+    need(c.secagg in SECAGG_MODES, "secagg", f"must be one of {SECAGG_MODES}")
+    if (dp and not c.dp_record_level) or c.secagg != "off":
+        need(
+            c.aggregator == "mean",
+            "aggregator",
+            "must be 'mean' with client-level DP or secure aggregation (a noisy / masked sum)",
+        )
+    need(
+        c.secagg == "off" or (dp and not c.dp_record_level) or c.clip_norm is not None,
+        "secagg",
+        "needs bounded updates: add --clip-norm C or client-level --dp-clip C",
+    )
+    need(
+        c.secagg_threshold is None or c.cohort_size // 2 < c.secagg_threshold <= c.cohort_size,
+        "secagg_threshold",
+        f"must be in ({c.cohort_size // 2}, {c.cohort_size}]: more than half the cohort",
+    )
+    need(c.secagg == "off" or c.cohort_size >= 2, "secagg", "needs a cohort of >= 2 hospitals")

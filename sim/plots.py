@@ -25,7 +25,49 @@ def plot_run(workdir: str | Path) -> list[Path]:
     written.append(_per_hospital(summary, out / "per_hospital_auc.png"))
     if "local" in summary and "pooled" in summary:
         written.append(_baselines(summary, out / "baselines.png"))
+    if summary.get("privacy", {}).get("delta") is not None:
+        every = MetricsLog(workdir / "metrics.jsonl").read()
+        written.append(_privacy(every, summary["privacy"], out / "privacy.png"))
     return written
+
+
+def _privacy(records: list[dict], privacy: dict, path: Path) -> Path:
+    """Epsilon spent per round against the target and, for client-level DP, the clip norm and
+    the fraction of clipped updates."""
+    rounds = [r["round"] for r in records]
+    client_rounds = [r["round"] for r in records if "clip_norm" in r.get("privacy", {})]
+    client = [r["privacy"] for r in records if "clip_norm" in r.get("privacy", {})]
+    fig, axes = plt.subplots(1, 2 if client else 1, figsize=(11 if client else 5.5, 4))
+    axes = np.atleast_1d(axes)
+    ax = axes[0]
+    eps = [np.inf if r["epsilon"] is None else r["epsilon"] for r in records]
+    ax.plot(rounds, eps, marker=".", label=f"epsilon ({privacy['accountant']})")
+    if privacy.get("target_epsilon") is not None:
+        ax.axhline(privacy["target_epsilon"], color="tab:red", ls="--", label="target")
+    ax.set(
+        xlabel="round",
+        ylabel=f"epsilon at delta {privacy['delta']:g}",
+        title=f"Privacy spent (z = {privacy['noise_multiplier']:.3g})",
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    if client:
+        ax = axes[1]
+        ax.plot(client_rounds, [c["clip_norm"] for c in client], label="clip norm C")
+        ax.plot(
+            client_rounds, [c["median_update_norm"] for c in client], label="median update norm"
+        )
+        ax.set(xlabel="round", ylabel="L2 norm", title="Clipping")
+        ax.legend(loc="upper left")
+        ax.grid(alpha=0.3)
+        frac = ax.twinx()
+        frac.plot(client_rounds, [c["clipped_fraction"] for c in client], color="gray", ls=":")
+        frac.set_ylabel("fraction of updates clipped (dotted)")
+        frac.set_ylim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _learning_curves(records: list[dict], path: Path) -> Path:

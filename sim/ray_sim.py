@@ -141,7 +141,7 @@ class RayRound:
         self._sample = jax.jit(sample_cohort, static_argnums=(2, 3))
         self._broadcast = jax.jit(self.algorithm.broadcast)
         self._server = jax.jit(
-            lambda state, sums: server_step(self.algorithm, self.aggregator, state, sums)
+            lambda state, sums: server_step(self.algorithm, self.aggregator, state, sums)[0]
         )
 
     def __call__(self, state, data, client_states, seed):

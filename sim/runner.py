@@ -21,22 +21,34 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from medichain_jax import rng
-from medichain_jax.data.federation import Federation, make_phantom_federation, with_label_noise
-from medichain_jax.data.lidc_annotations import annotation_federation
-from medichain_jax.data.lidc_db import read_database, read_vendor_map
-from medichain_jax.engine.parallel import Parallelism, resolve
+from medichain_jax.data.federation import Federation
+from medichain_jax.engine.parallel import Parallelism
 from medichain_jax.engine.round import build_round, client_mesh, replicate, sample_cohort
-from medichain_jax.engine.system import NO_DEADLINE, SystemModel, make_system
-from medichain_jax.fl.aggregators import get_aggregator
+from medichain_jax.engine.system import NO_DEADLINE, SystemModel
 from medichain_jax.fl.algorithm import Algorithm, initial_client_states
 from medichain_jax.fl.baselines import matched_epochs, pool_clients, train_local_only, train_pooled
 from medichain_jax.fl.client import TrainHParams
 from medichain_jax.fl.contribution import round_contributions
-from medichain_jax.fl.registry import AlgorithmOptions, get_algorithm
 from medichain_jax.metrics import evaluate
-from medichain_jax.models import FunctionalModel, get_model
+from medichain_jax.models import FunctionalModel
+from medichain_jax.privacy.dp import init_dp_state
 from sim.checkpoint import Checkpoints
 from sim.config import ConfigError, RunConfig
+from sim.parts import (  # noqa: F401  (re-exported: the runner's public names)
+    TrainingParts,
+    algorithm_options,
+    build_federation,
+    build_system,
+    load_dataset,
+    training_parts,
+)
+from sim.privacy import (
+    PrivacyLedger,
+    PrivacyPlan,
+    SecAggCheck,
+    privacy_summary,
+    round_privacy,
+)
 from sim.results import MetricsLog, write_json
 
 OUTPUT_FILES = ("metrics.jsonl", "summary.json", "config.json")
@@ -74,86 +86,7 @@ class Experiment:
     contribution_fn: Callable | None = None
     validation: Any = None
     sample_fn: Callable | None = None  # (seed, round) -> cohort, when rows are streamed
-
-
-def load_dataset(config: RunConfig) -> Federation:
-    """The dataset named by the config, split into hospitals."""
-    if config.dataset == "phantom":
-        return make_phantom_federation(
-            seed=config.seed,
-            num_hospitals=config.hospitals,
-            non_iid=config.non_iid,
-            alpha=config.alpha,
-            mean_train=config.train_per_hospital,
-            test_size=config.test_per_hospital,
-            image_size=config.image_size,
-            scanner_shift=config.scanner_shift,
-        )
-    if config.dataset == "lidc-annotations":
-        table = read_database(config.data_dir)
-        vendor_map = read_vendor_map(config.vendor_map, table.scans) if config.vendor_map else None
-        return annotation_federation(
-            table,
-            config.partition,
-            config.hospitals,
-            alpha=config.alpha,
-            seed=config.seed,
-            vendor_map=vendor_map,
-        )
-    from sim.real_data import prepared_federation  # image datasets: cached preprocessing
-
-    return prepared_federation(config)
-
-
-def build_federation(config: RunConfig) -> tuple[Federation, np.ndarray]:
-    """The dataset named by the config, split into hospitals, with label noise added to
-    ``noisy_hospitals`` of them; returns it and the noisy-hospital mask."""
-    fed = load_dataset(config)
-    if fed.num_hospitals != config.hospitals:
-        raise ConfigError(
-            f"hospitals: partition {config.partition!r} gives {fed.num_hospitals} hospitals on "
-            f"this data ({', '.join(fed.vendors)}), got --hospitals {config.hospitals}"
-        )
-    noisy = np.zeros(config.hospitals, bool)
-    if config.noisy_hospitals and config.label_noise > 0:
-        key = rng.stream(config.seed, rng.LABEL_NOISE)
-        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 0), config.hospitals))
-        noisy[order[: config.noisy_hospitals]] = True
-        train, _ = with_label_noise(
-            fed.train, noisy, config.label_noise, jax.random.fold_in(key, 1)
-        )
-        fed = dataclasses.replace(fed, train=train)
-    return fed, noisy
-
-
-def build_system(config: RunConfig, fed: Federation) -> SystemModel | None:
-    """The simulated Byzantine / straggler / dropout / late-join behaviour, or None."""
-    if not (config.byzantine or config.stragglers or config.dropout or config.late_join):
-        return None
-    planned = config.local_epochs * -(-np.asarray(fed.train_sizes) // config.batch_size)
-    return make_system(
-        config.seed,
-        planned,
-        byzantine=config.byzantine,
-        attack=config.attack,
-        attack_scale=config.attack_scale,
-        stragglers=config.stragglers,
-        dropout=config.dropout,
-        late_join=config.late_join,
-        join_round=config.join_round,
-    )
-
-
-def algorithm_options(config: RunConfig) -> AlgorithmOptions:
-    """The config's algorithm knobs."""
-    return AlgorithmOptions(
-        server_optimizer=config.server_optimizer,
-        server_lr=config.server_lr,
-        server_momentum=config.server_momentum,
-        mu=config.mu,
-        ditto_lambda=config.ditto_lambda,
-        finetune_epochs=config.finetune_epochs,
-    )
+    privacy: PrivacyPlan | None = None
 
 
 def validation_set(config: RunConfig, fed: Federation, max_rows: int = 256):
@@ -165,50 +98,6 @@ def validation_set(config: RunConfig, fed: Federation, max_rows: int = 256):
     return pooled.replace(
         x=jnp.asarray(pooled.x[keep]), y=jnp.asarray(pooled.y[keep]), num_examples=len(keep)
     )
-
-
-@dataclasses.dataclass
-class TrainingParts:
-    """The pure pieces one hospital's training and the server need, built from a config."""
-
-    model: FunctionalModel
-    hparams: TrainHParams
-    algorithm: Algorithm
-    aggregator: Any
-    system: SystemModel | None
-    parallelism: Parallelism
-
-
-def training_parts(config: RunConfig, fed: Federation) -> TrainingParts:
-    """Model, local-training hyperparameters, algorithm, aggregator, simulated system and
-    client parallelism of ``config`` on ``fed`` (the same in every process of a run)."""
-    model = get_model(
-        config.model,
-        in_channels=fed.train.x.shape[-1],
-        num_outputs=fed.train.y.shape[-1],
-        image_size=fed.train.x.shape[2] if fed.train.x.ndim == 5 else config.image_size,
-        norm=config.norm,
-        in_features=int(np.prod(fed.train.x.shape[2:])),
-    )
-    hp = TrainHParams(
-        model=model,
-        epochs=config.local_epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        momentum=config.momentum,
-    )
-    algorithm = get_algorithm(
-        config.algorithm, hp, num_clients=config.hospitals, options=algorithm_options(config)
-    )
-    aggregator = get_aggregator(
-        config.aggregator,
-        trim_beta=config.trim_beta,
-        krum_f=config.krum_f if config.krum_f is not None else max(1, config.byzantine),
-        multi_krum_m=config.multi_krum_m,
-    )
-    system = build_system(config, fed)
-    parallelism = resolve(config.client_parallelism, chunk=config.chunk)
-    return TrainingParts(model, hp, algorithm, aggregator, system, parallelism)
 
 
 def streams_cohort(config: RunConfig) -> bool:
@@ -237,8 +126,10 @@ def compile_round(config: RunConfig, parts: TrainingParts):
             mesh,
             system=parts.system,
             clip_norm=config.clip_norm,
-            return_updates=config.contribution,
+            return_updates=config.contribution or config.secagg == "exact",
             gathered=streams_cohort(config),
+            dp=None if parts.privacy is None else parts.privacy.client_dp,
+            secagg=config.secagg != "off",
         )
     )
     sample_fn = None
@@ -256,6 +147,9 @@ def build(config: RunConfig, ray_cluster: RayOptions | None = None) -> Experimen
     model, hp, algorithm, system = parts.model, parts.hparams, parts.algorithm, parts.system
     if ray_cluster is not None:
         from sim.ray_sim import RayRound
+
+        if parts.privacy is not None or config.secagg != "off":
+            raise ConfigError("--ray does not run DP or secure aggregation yet: drop --ray")
 
         mesh, sample_fn = None, None
         round_fn = RayRound(config, parts, ray_cluster)
@@ -310,6 +204,7 @@ def build(config: RunConfig, ray_cluster: RayOptions | None = None) -> Experimen
         contribution_fn,
         validation,
         sample_fn,
+        parts.privacy,
     )
 
 
@@ -402,15 +297,31 @@ def _run_rounds(
 
     init_vars = exp.model.init(rng.stream(config.seed, rng.INIT))
     state = exp.algorithm.init(init_vars)
+    plan = exp.privacy
+    ledger = None
+    if plan is not None:
+        ledger = PrivacyLedger(plan, np.asarray(fed.train_sizes))
+        if plan.client_dp is not None:
+            state = state.replace(privacy_state=init_dp_state(plan.client_dp))
+    secagg = SecAggCheck(config, fed) if config.secagg != "off" else None
     client_states = initial_client_states(exp.algorithm, init_vars, config.hospitals)
     ckpt = Checkpoints(workdir / "checkpoints")
     log = MetricsLog(workdir / "metrics.jsonl")
     start = 0
     history: list[dict[str, Any]] = []
+
+    def saved_tree():
+        tree = {"server": state, "clients": client_states or {}}
+        if ledger is not None:
+            tree["accountant"] = ledger.state()
+        return tree
+
     if resume and ckpt.latest() is not None:
         start = ckpt.latest()
-        saved = ckpt.restore(start, {"server": state, "clients": client_states or {}})
+        saved = ckpt.restore(start, saved_tree())
         state, client_states = saved["server"], saved["clients"] or None
+        if ledger is not None:
+            ledger.restore(saved["accountant"])
         history = log.truncate(start)
     elif resume:
         print(f"no checkpoint in {workdir}/checkpoints; starting from round 0", file=sys.stderr)
@@ -429,9 +340,16 @@ def _run_rounds(
         dynamic_ncols=True,
     )
     compile_s = None
+    stop_reason = None
     for rnd in range(start, last):
+        if ledger is not None and (stop_reason := ledger.budget_stop()) is not None:
+            if not history:
+                raise ConfigError(f"target_epsilon: {stop_reason}; lower --dp-noise's epsilon")
+            bar.write(stop_reason)
+            break
         t0 = time.perf_counter()
         before = state.params
+        dp_before = state.privacy_state
         state, client_states, info = play_round(exp, state, client_states, seed)
         jax.block_until_ready(state)
         round_s = time.perf_counter() - t0
@@ -440,7 +358,18 @@ def _run_rounds(
         record = _round_record(exp, rnd, info, msg_bytes, round_s)
         for hospital in record["rejected"]:
             bar.write(f"round {rnd + 1}: rejected the update of hospital {hospital} (NaN/Inf)")
-        final = rnd + 1 == config.rounds
+        present = np.asarray(info.weights) > 0
+        if secagg is not None:
+            record["secagg"] = secagg.check(rnd, info, dp_before)
+        record["epsilon"], record["delta"] = None, None
+        if ledger is not None:
+            ledger.record_round(np.asarray(info.cohort), present)
+            record["epsilon"], record["delta"] = ledger.epsilon(), plan.delta
+            record["privacy"] = round_privacy(info, present)
+            if plan.client_dp is not None:
+                record["privacy"]["next_clip_norm"] = float(state.privacy_state.clip_norm)
+        out_of_budget = ledger is not None and ledger.budget_stop() is not None
+        final = rnd + 1 == config.rounds or out_of_budget
         if (rnd + 1) % config.eval_every == 0 or final:
             host_params = jax.device_put(state.params, jax.devices()[0])
             record.update(_eval_record(exp.eval_fn(host_params, fed.test)))
@@ -462,8 +391,8 @@ def _run_rounds(
             }
         log.append(record)
         history.append(record)
-        if (rnd + 1) % config.checkpoint_every == 0 or rnd + 1 == last:
-            ckpt.save(rnd + 1, {"server": state, "clients": client_states or {}})
+        if (rnd + 1) % config.checkpoint_every == 0 or rnd + 1 == last or final:
+            ckpt.save(rnd + 1, saved_tree())
         post = {"loss": f"{record['train_loss']:.3f}"}
         if "global" in record:
             shown = record.get("personalized", record)
@@ -474,10 +403,14 @@ def _run_rounds(
         bar.update(1)
     bar.close()
     ckpt.close()
-    if last < config.rounds:
+    if last < config.rounds and stop_reason is None:
         return {"stopped_after": last}
 
     summary = _summarize(exp, state, history)
+    summary["rounds_trained"] = history[-1]["round"]
+    summary["privacy"] = privacy_summary(plan, ledger, history, stop_reason)
+    if secagg is not None:
+        summary["secagg"] = secagg.summary(history)
     if config.baselines:
         summary.update(_run_baselines(exp, progress))
     summary["timing"] = {

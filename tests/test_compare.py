@@ -99,3 +99,42 @@ def test_table_reports_ranks_of_noisy_hospitals():
     d = derived(summary)
     assert d["noisy_max_shapley_median"] == 0.05 and d["clean_min_shapley_median"] == 0.1
     assert d["noisy_max_loo_median"] == 1.0 and d["clean_median_loo_median"] == 0.0
+
+
+def test_privacy_rows_and_accuracy_vs_epsilon_plot(tmp_path):
+    from sim.compare import _privacy_plot, _table
+
+    def summary(auc, privacy):
+        return {
+            "federated": {"mean": auc, "pooled_test": auc},
+            "timing": {"total_s": 1.0},
+            "privacy": privacy,
+        }
+
+    def dp(eps, final=None):
+        return {
+            "mechanism": "record-level DP-SGD inside each hospital (Abadi et al. 2016): ...",
+            "epsilon": eps,
+            "delta": 1e-5,
+            "noise_multiplier": 2.5,
+            "clip_norm": 1.0,
+            "final_clip_norm": final,
+        }
+
+    none = {"mechanism": "none", "epsilon": None, "delta": None}
+    results = {
+        "record-none": summary(0.86, none),
+        "record-eps8": summary(0.8, dp(7.99)),
+        "record-eps1": summary(0.6, dp(0.998, final=0.25)),
+    }
+    text = _table({"name": "p"}, results, [])
+    assert "| record-none | none | inf | - | - | - | 0.8600 |" in text
+    assert (
+        "| record-eps8 | record-level DP-SGD inside each hospital | 7.990 | 1e-05 | 2.500 | 1 |"
+        in text
+    )
+    assert "| 1 (0.25) | 0.6000 |" in text
+    assert _privacy_plot(results, tmp_path / "privacy.png")
+    assert (tmp_path / "privacy.png").stat().st_size > 10_000
+    assert not _privacy_plot({"record-none": results["record-none"]}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,8 @@ from medichain_jax.fl.aggregators import Aggregator, finalize_mean, weighted_mea
 from medichain_jax.fl.algorithm import Algorithm
 from medichain_jax.fl.attacks import poison_data, poison_update
 from medichain_jax.fl.update_checks import clip_by_global_norm, tree_all_finite
+from medichain_jax.privacy.dp import ClientDP, clip_update, private_mean
+from medichain_jax.privacy.field import dequantize, field_sum, quantize
 from medichain_jax.types import ClientData, ClientOutput, PyTree, ServerState
 
 AXIS = "clients"
@@ -28,12 +30,14 @@ class RoundInfo(NamedTuple):
 
     ``metrics`` holds each client's training metrics plus ``active`` (took part) and
     ``rejected`` (its update held NaN/Inf and was excluded); ``updates`` is the stacked cohort
-    updates when the round was built with ``return_updates``."""
+    updates when the round was built with ``return_updates``; ``server`` holds the server
+    step's scalars (DP: ``clip_norm``, ``noise_stddev``, ``unclipped_estimate``)."""
 
     cohort: jax.Array
     weights: jax.Array
     metrics: dict[str, jax.Array]
     updates: PyTree = None
+    server: dict[str, jax.Array] | None = None
 
 
 def sample_cohort(seed: int | jax.Array, rnd: jax.Array, num_clients: int, cohort_size: int):
@@ -49,11 +53,14 @@ def guarded_client_fn(
     message: PyTree,
     system: SystemModel | None,
     clip_norm: float | None,
+    dp: ClientDP | None = None,
+    dp_clip: jax.Array | None = None,
 ) -> Callable:
     """One client's work inside the round, with the simulation's masks and the update checks:
     inactive hospitals train on zero examples (a no-op), Byzantine ones are attacked, updates
     are norm-clipped, and an update holding NaN/Inf gets weight 0 and a zero update (never
-    averaged in, by any aggregator). A hospital that did not contribute keeps its old state."""
+    averaged in, by any aggregator). A hospital that did not contribute keeps its old state.
+    With client-level ``dp`` every update is clipped to ``dp_clip`` and weighs 1 (DP-FedAvg)."""
 
     def client_fn(data: ClientData, key: jax.Array, packed):
         state, sysc = packed
@@ -74,12 +81,13 @@ def guarded_client_fn(
         metrics = dict(out.metrics)
         metrics["active"] = sysc["active"] & (data.num_examples > 0)
         metrics["rejected"] = ~finite
-        return ClientOutput(
-            update=update,
-            weight=jnp.where(ok, out.weight, 0.0),
-            metrics=metrics,
-            state=new_state,
-        )
+        weight = jnp.where(ok, out.weight, 0.0)
+        if dp is not None:
+            update, norm = clip_update(update, dp_clip)
+            metrics["update_norm"] = norm
+            metrics["clipped"] = ok & (norm > dp_clip)
+            weight = ok.astype(jnp.float32)
+        return ClientOutput(update=update, weight=weight, metrics=metrics, state=new_state)
 
     return client_fn
 
@@ -140,18 +148,22 @@ def build_cohort_step(
     system: SystemModel | None = None,
     clip_norm: float | None = None,
     keep_updates: bool = False,
+    dp: ClientDP | None = None,
 ) -> Callable[..., CohortSums]:
-    """Return ``step(message, data, ids, client_states, seed, rnd) -> CohortSums``: local
+    """Return ``step(message, data, ids, client_states, seed, rnd, dp_clip=None) -> CohortSums``:
+    local
     training of the clients whose rows ``data`` holds (leading axis ``m``; ``ids`` are their
     global client ids, which derive their keys and simulation masks; rows with zero examples
     are padding and weigh nothing). With a ``mesh`` the ``m`` clients (a multiple of its size)
     are split over its devices and the partial sums meet in a ``psum``. A Ray actor runs the
-    same step on its shard of hospitals."""
+    same step on its shard of hospitals. With client-level ``dp`` each update is clipped to
+    ``dp_clip`` (the server state's current clip norm)."""
     if clip_norm is not None and clip_norm <= 0:
         raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
 
-    def on_devices(message, d, keys, packed):
-        client_fn = guarded_client_fn(algorithm, message, system, clip_norm)
+    def on_devices(sent, d, keys, packed):
+        message, dp_clip = sent
+        client_fn = guarded_client_fn(algorithm, message, system, clip_norm, dp, dp_clip)
         res = run_cohort(client_fn, d, keys, packed, parallelism, keep_updates=keep_updates)
         usum, wsum = res.update_sum, res.weight_sum
         if mesh is not None:
@@ -168,15 +180,42 @@ def build_cohort_step(
             check_vma=False,
         )
 
-    def step(message, data: ClientData, ids, client_states, seed, rnd) -> CohortSums:
+    def step(message, data: ClientData, ids, client_states, seed, rnd, dp_clip=None):
+        if (dp is None) != (dp_clip is None):
+            raise ValueError("dp_clip is needed exactly when the step was built with dp")
         keys = jax.vmap(lambda c: rng.client_key(seed, rnd, c))(ids)
         sysc = system_inputs(system, seed, rnd, ids)
         usum, wsum, updates, weights, metrics, states = on_devices(
-            message, data, keys, (client_states, sysc)
+            (message, dp_clip), data, keys, (client_states, sysc)
         )
         return CohortSums(usum, wsum, weights, metrics, states, updates)
 
     return step
+
+
+def secure_sum(updates: PyTree, weights: jax.Array, bound: jax.Array | float) -> PyTree:
+    """The fast path of secure aggregation (Bonawitz et al. 2017): each client's ``w_i u_i`` is
+    quantized into GF(p) with per-coordinate ``bound``, the field elements are summed mod p
+    (what the server learns after unmasking: pairwise masks cancel exactly) and the sum is
+    mapped back to floats. Equals the exact protocol's result bit for bit."""
+    m = weights.shape[0]
+
+    def leaf(u):
+        w = weights.reshape((m,) + (1,) * (u.ndim - 1)).astype(jnp.float32)
+        q = quantize(w * u.astype(jnp.float32), bound, m)
+        return dequantize(field_sum(q, axis=0), bound, m).astype(u.dtype)
+
+    return jax.tree.map(leaf, updates)
+
+
+def secagg_bound(dp_clip: jax.Array | None, clip_norm: float | None, max_weight: int) -> Any:
+    """Per-coordinate bound of ``w_i u_i`` under SecAgg: the DP clip norm (weights are 1), or
+    the update clip norm times the largest possible weight (a client's example capacity)."""
+    if dp_clip is not None:
+        return dp_clip
+    if clip_norm is None:
+        raise ValueError("secure aggregation needs bounded updates: set clip_norm or client DP")
+    return clip_norm * max_weight
 
 
 def server_step(
@@ -184,15 +223,39 @@ def server_step(
     aggregator: Aggregator,
     state: ServerState,
     sums: CohortSums,
-) -> ServerState:
+    *,
+    dp: ClientDP | None = None,
+    key: jax.Array | None = None,
+    secagg_bound: jax.Array | float | None = None,
+) -> tuple[ServerState, dict[str, jax.Array]]:
     """Aggregate a whole cohort's sums (streamed mean, or the robust rule over the kept
-    updates) and apply the algorithm's server update."""
-    if aggregator.linear:
+    updates) and apply the algorithm's server update. With ``secagg_bound`` the sum is the
+    secure-aggregation field sum of the kept updates; with ``dp`` the mean is DP-FedAvg's noisy
+    fixed-denominator mean (noise from ``key``). Returns the new state and the server's
+    per-round scalars."""
+    stats: dict[str, jax.Array] = {}
+    if secagg_bound is not None or dp is not None:
+        if not aggregator.linear:
+            raise ValueError(
+                f"DP and secure aggregation need a linear aggregator, not {aggregator.name}"
+            )
+        if secagg_bound is not None:
+            total = secure_sum(sums.updates, sums.weights, secagg_bound)
+        else:
+            total = sums.update_sum
+        if dp is not None:
+            present = sums.weights > 0
+            unclipped = jnp.sum(present & ~sums.metrics["clipped"]).astype(jnp.float32)
+            update, pstate, stats = private_mean(total, unclipped, state.privacy_state, key, dp)
+            state = state.replace(privacy_state=pstate)
+        else:
+            update = finalize_mean(total, sums.weight_sum)
+    elif aggregator.linear:
         update = finalize_mean(sums.update_sum, sums.weight_sum)
     else:
         update = aggregator.aggregate(sums.updates, sums.weights)
     participants = jnp.sum(sums.weights > 0).astype(jnp.float32)
-    return algorithm.server_update(state, update, participants)
+    return algorithm.server_update(state, update, participants), stats
 
 
 def build_round(
@@ -207,6 +270,8 @@ def build_round(
     clip_norm: float | None = None,
     return_updates: bool = False,
     gathered: bool = False,
+    dp: ClientDP | None = None,
+    secagg: bool = False,
 ) -> Callable[[ServerState, ClientData, PyTree, jax.Array], tuple[ServerState, PyTree, RoundInfo]]:
     """Return a pure ``round_fn(state, data, client_states, seed) -> (state, client_states, info)``.
 
@@ -218,7 +283,10 @@ def build_round(
     With a ``mesh`` (one axis named ``clients``) the cohort is split over its devices, each runs
     ``parallelism`` on its share, and partial sums meet in a ``psum``. ``system`` simulates
     Byzantine hospitals, stragglers, dropouts and late joiners; ``clip_norm`` bounds each
-    update's L2 norm. Jit it once; it never recompiles across rounds.
+    update's L2 norm. ``dp`` makes the round DP-FedAvg (clip per client, Gaussian noise on the
+    sum, fixed denominator; the state's ``privacy_state`` is a ``DPState``); ``secagg`` sums
+    the updates as secure aggregation does (quantized into a finite field). Jit it once; it
+    never recompiles across rounds.
     """
     if not 1 <= cohort_size <= num_clients:
         raise ValueError(f"cohort size must be in [1, {num_clients}], got {cohort_size}")
@@ -228,9 +296,11 @@ def build_round(
         )
     n_dev = 1 if mesh is None else int(mesh.devices.size)
     padded = -(-cohort_size // n_dev) * n_dev
-    keep = return_updates or not aggregator.linear
+    keep = return_updates or not aggregator.linear or secagg
+    if secagg and dp is None and clip_norm is None:
+        raise ValueError("secure aggregation needs bounded updates: set clip_norm or client DP")
     step = build_cohort_step(
-        algorithm, parallelism, mesh, system=system, clip_norm=clip_norm, keep_updates=keep
+        algorithm, parallelism, mesh, system=system, clip_norm=clip_norm, keep_updates=keep, dp=dp
     )
 
     def round_fn(state: ServerState, data: ClientData, client_states: PyTree, seed: jax.Array):
@@ -251,16 +321,17 @@ def build_round(
             d = jax.tree.map(lambda a: a[idx], data)
         d = d.replace(num_examples=jnp.where(real, d.num_examples, 0))
         states = None if client_states is None else jax.tree.map(lambda a: a[idx], client_states)
+        dp_clip = None if dp is None else state.privacy_state.clip_norm
         if n_dev > 1:  # deal clients to devices so each trains about as many examples
             order = balanced_layout(d.num_examples, n_dev)
             d, ids, states = jax.tree.map(lambda a: a[order], (d, idx, states))
-            sums = step(algorithm.broadcast(state), d, ids, states, seed, state.round)
+            sums = step(algorithm.broadcast(state), d, ids, states, seed, state.round, dp_clip)
             back = jnp.argsort(order)
             per_client = (sums.weights, sums.metrics, sums.states, sums.updates)
             weights, metrics, states, updates = jax.tree.map(lambda a: a[back], per_client)
             sums = sums._replace(weights=weights, metrics=metrics, states=states, updates=updates)
         else:
-            sums = step(algorithm.broadcast(state), d, idx, states, seed, state.round)
+            sums = step(algorithm.broadcast(state), d, idx, states, seed, state.round, dp_clip)
         cut = lambda t: jax.tree.map(lambda a: a[:cohort_size], t)  # noqa: E731
         sums = sums._replace(
             weights=cut(sums.weights),
@@ -268,13 +339,17 @@ def build_round(
             states=cut(sums.states),
             updates=cut(sums.updates) if keep else None,
         )
-        new_state = server_step(algorithm, aggregator, state, sums)
+        bound = secagg_bound(dp_clip, clip_norm, d.capacity) if secagg else None
+        key = None if dp is None else rng.round_key(seed, rng.DP_NOISE, state.round)
+        new_state, server = server_step(
+            algorithm, aggregator, state, sums, dp=dp, key=key, secagg_bound=bound
+        )
         if client_states is not None:
             client_states = jax.tree.map(
                 lambda a, s: a.at[cohort].set(s), client_states, sums.states
             )
         info = RoundInfo(
-            cohort, sums.weights, sums.metrics, sums.updates if return_updates else None
+            cohort, sums.weights, sums.metrics, sums.updates if return_updates else None, server
         )
         return new_state, client_states, info
 
