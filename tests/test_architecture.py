@@ -25,7 +25,10 @@ FORBIDDEN = {
         "random",
     },
     "sim": {"calimero_adapter"},
+    "calimero_adapter": {"ray"},
 }
+# the real mode shares the simulator's pieces (config, loaders, results files), never its loop
+CALIMERO_NEVER = {"sim.runner", "sim.cli", "sim.ray_sim", "sim.sweep", "sim.bench"}
 # inside the pure library only the data readers may touch files
 FILE_IO = {"os", "pathlib", "shutil", "io", "glob", "pydicom", "sqlite3", "csv", "PIL"}
 
@@ -73,3 +76,17 @@ def test_pure_library_has_no_global_numpy_rng():
             if needle in text:
                 bad.append(f"{path.relative_to(ROOT)}: {needle}")
     assert not bad, bad
+
+
+def test_real_mode_never_imports_the_simulation_loop():
+    bad = []
+    for path in modules("calimero_adapter"):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            bad += [f"{path.relative_to(ROOT)} imports {n}" for n in names if n in CALIMERO_NEVER]
+    assert not bad, "\n".join(bad)
