@@ -56,6 +56,27 @@ def step_flops(exp, data) -> float:
 SUITES = {"scaling": "sim.bench_scaling", "flower": "sim.bench_flower"}
 
 
+def check_ratios(result: dict, reference: Path, tolerance: float) -> int:
+    """Compare fresh speed ratios with a committed benchmark file; 1 if one dropped by more
+    than ``tolerance`` (relative), else 0. Ratios are side-by-side measurements in one run, so
+    they carry over between machines far better than absolute times."""
+    import json
+
+    if not reference.exists():
+        print(f"error: no committed benchmark at {reference} to check against", file=sys.stderr)
+        return 2
+    ref = json.loads(reference.read_text())["ratios"]
+    failed = 0
+    print(f"{'ratio':<18}{'committed':>10}{'now':>8}{'floor':>8}  result")
+    for name, old in ref.items():
+        now = result["ratios"][name]
+        floor = old * (1 - tolerance)
+        ok = now >= floor
+        failed += not ok
+        print(f"{name:<18}{old:>10.2f}{now:>8.2f}{floor:>8.2f}  {'PASS' if ok else 'FAIL'}")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the engine benchmark and write its JSON (``scaling`` / ``flower``: the other
     benchmarks, ``python -m sim.bench scaling --help``)."""
@@ -75,6 +96,18 @@ def main(argv: list[str] | None = None) -> int:
         help="engine strategies to time besides auto (comma-separated)",
     )
     p.add_argument("--out", type=Path, default=Path("results/bench/engine.json"))
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="compare the speed ratios with the committed --out file instead of writing it; "
+        "exit 1 if one fell by more than --tolerance",
+    )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.3,
+        help="--check: allowed relative drop of a ratio (default 0.3: these machines are noisy)",
+    )
     args = p.parse_args(argv)
     use_host_cores()  # before jax starts: one XLA CPU device per core
     if args.hospitals < 1 or args.reps < 1:
@@ -194,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "reps": args.reps,
     }
+    if args.check:
+        return check_ratios(result, args.out, args.tolerance)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, result)
     print(f"\n{'contender':<18}{'round s (median)':>18}{'engine_auto speedup':>22}")

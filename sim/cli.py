@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
+from medichain_jax.compression import CODECS
 from medichain_jax.data.federation import FederationError
 from medichain_jax.data.lidc_db import LidcDatabaseError
 from medichain_jax.data.lidc_xml import LidcXmlError
@@ -285,6 +287,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_privacy_flags(p, d)
+    p.add_argument(
+        "--compression",
+        choices=CODECS,
+        help="update codec: bf16, int8 (stochastic), topk (with error feedback); default none",
+    )
+    p.add_argument(
+        "--topk-fraction",
+        type=_float,
+        help=f"topk: fraction of coordinates sent (default {d.topk_fraction})",
+    )
     ray = p.add_argument_group("multi-node simulation (Ray actors; changes no number)")
     ray.add_argument(
         "--ray",
@@ -427,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
             stop_after=getattr(args, "stop_after", None),
             progress=not getattr(args, "no_progress", False),
             ray_cluster=ray_options(args),
+            command=shlex.join(["python", "-m", "sim", *(sys.argv[1:] if argv is None else argv)]),
         )
     except (ConfigError, FileNotFoundError, *DATA_ERRORS) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -452,5 +465,5 @@ def main(argv: list[str] | None = None) -> int:
     if "contribution" in summary:
         rank = summary["contribution"]["shapley_rank"]
         print(f"contribution (median per-round Shapley, best first): {rank}")
-    print(f"results: {out}/ (config.json, metrics.jsonl, summary.json, plots/, checkpoints/)")
+    print(f"results: {out}/ (config.json, metrics.jsonl, summary.json, report.html, plots/, ...)")
     return 0

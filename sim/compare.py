@@ -14,6 +14,7 @@ contribution metrics ``contribution.noisy_max_shapley`` / ``clean_min_shapley`` 
 from __future__ import annotations
 
 import argparse
+import json
 import operator
 import sys
 import time
@@ -82,6 +83,18 @@ def derived(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def bytes_to_target(workdir: Path, target: float) -> dict[str, Any]:
+    """Communication cost of reaching ``target`` mean per-hospital AUC: the first evaluated
+    round at or above it and the bytes (up + down) sent until then (None if never reached)."""
+    sent = 0
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        sent += r["bytes_up"] + r["bytes_down"]
+        if r.get("global", {}).get("auc", -1.0) >= target:
+            return {"round": r["round"], "bytes": sent}
+    return {"round": None, "bytes": None}
+
+
 def _with_derived(summary: dict[str, Any]) -> dict[str, Any]:
     """``summary`` with the derived contribution metrics merged into its ``contribution``."""
     return {**summary, "contribution": {**summary.get("contribution", {}), **derived(summary)}}
@@ -127,7 +140,12 @@ def _ranks(scores: list[float]) -> list[int]:
     return ranks.tolist()
 
 
-def _table(spec: dict[str, Any], results: dict[str, dict], claims: list[dict]) -> str:
+def _table(
+    spec: dict[str, Any],
+    results: dict[str, dict],
+    claims: list[dict],
+    cost: dict[str, dict] | None = None,
+) -> str:
     lines = [f"# {spec.get('name', 'comparison')}", "", spec.get("description", "").strip(), ""]
     if spec.get("command"):
         lines += [f"Reproduce: `{spec['command']}`", ""]
@@ -162,6 +180,15 @@ def _table(spec: dict[str, Any], results: dict[str, dict], claims: list[dict]) -
                 f"{p['delta']:g} | {p['noise_multiplier']:.3f} | {clip} | "
                 f"{s['federated']['mean']:.4f} |"
             )
+    if cost:
+        lines += [
+            "",
+            f"| run | round reaching AUC {spec['target_auc']} | MB sent until then (up + down) |",
+            "|---|---|---|",
+        ]
+        for name, c in cost.items():
+            mb = "not reached" if c["bytes"] is None else f"{c['bytes'] / 1e6:.1f}"
+            lines.append(f"| {name} | {c['round'] or '-'} | {mb} |")
     contrib = {n: s for n, s in results.items() if s.get("contribution")}
     if contrib:
         lines += [
@@ -288,6 +315,9 @@ def run_experiment(spec: dict[str, Any], *, force: bool = False, progress: bool 
         print(f"[{name}] {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         results[name] = _with_derived(summary)
     claims = check_claims(spec, results)
+    cost = None
+    if spec.get("target_auc") is not None:
+        cost = {name: bytes_to_target(out / name, float(spec["target_auc"])) for name in results}
     table = {
         name: {
             "federated_auc": s["federated"]["mean"],
@@ -307,9 +337,10 @@ def run_experiment(spec: dict[str, Any], *, force: bool = False, progress: bool 
         "command": spec.get("command"),
         "runs": table,
         "claims": claims,
+        **({"target_auc": spec["target_auc"], "cost_to_target": cost} if cost else {}),
     }
     write_json(out / "comparison.json", comparison)
-    (out / "comparison.md").write_text(_table(spec, results, claims))
+    (out / "comparison.md").write_text(_table(spec, results, claims, cost))
     _plot(results, out / "comparison.png")
     _privacy_plot(results, out / "privacy.png")
     return comparison

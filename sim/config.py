@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from medichain_jax.compression import CODECS
 from medichain_jax.data import lidc_annotations, nih
 from medichain_jax.engine.parallel import STRATEGIES
 from medichain_jax.fl.aggregators import AGGREGATORS
@@ -49,6 +50,8 @@ _OPTIONAL = {
     "accountant": "rdp",
     "secagg": "off",
     "secagg_threshold": None,
+    "compression": "none",
+    "topk_fraction": 0.01,
 }
 SECAGG_MODES = ("off", "fast", "exact")
 __all__ = ["AGGREGATORS", "ALGORITHMS", "ATTACKS", "DATASETS", "SERVER_OPTIMIZERS", "RunConfig"]
@@ -128,6 +131,9 @@ class RunConfig:
     accountant: str = "rdp"
     secagg: str = "off"
     secagg_threshold: int | None = None
+    # update compression (a lossy transfer of each hospital's update)
+    compression: str = "none"
+    topk_fraction: float = 0.01
 
     def __post_init__(self):
         if self.dataset in DEFAULT_MODEL and self.model is None:
@@ -329,6 +335,14 @@ def _check(c: RunConfig) -> None:
     need(c.eval_every >= 1, "eval_every", "must be >= 1")
     need(c.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
     _check_privacy(c, need)
+    need(c.compression in CODECS, "compression", f"must be one of {CODECS}")
+    need(0 < c.topk_fraction <= 1, "topk_fraction", "must be in (0, 1]")
+    need(
+        c.compression == "none" or (c.dp_clip is None and c.secagg == "off"),
+        "compression",
+        "cannot be combined with DP or secure aggregation yet (it changes the update's norm "
+        "and its field encoding)",
+    )
 
 
 def _check_privacy(c: RunConfig, need) -> None:

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from medichain_jax import rng
+from medichain_jax.compression import Compressor, get_compressor
 from medichain_jax.data.federation import Federation, make_phantom_federation, with_label_noise
 from medichain_jax.data.lidc_annotations import annotation_federation
 from medichain_jax.data.lidc_db import read_database, read_vendor_map
@@ -117,6 +118,7 @@ class TrainingParts:
     system: SystemModel | None
     parallelism: Parallelism
     privacy: PrivacyPlan | None = None
+    compressor: Compressor | None = None
 
 
 def training_parts(config: RunConfig, fed: Federation) -> TrainingParts:
@@ -152,4 +154,7 @@ def training_parts(config: RunConfig, fed: Federation) -> TrainingParts:
     )
     system = build_system(config, fed)
     parallelism = resolve(config.client_parallelism, chunk=config.chunk)
-    return TrainingParts(model, hp, algorithm, aggregator, system, parallelism, privacy)
+    compressor = None
+    if config.compression != "none":
+        compressor = get_compressor(config.compression, config.topk_fraction)
+    return TrainingParts(model, hp, algorithm, aggregator, system, parallelism, privacy, compressor)

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from medichain_jax import rng
+from medichain_jax.compression import Compressor
 from medichain_jax.data.federation import Federation
 from medichain_jax.engine.parallel import Parallelism
 from medichain_jax.engine.round import build_round, client_mesh, replicate, sample_cohort
@@ -87,6 +88,7 @@ class Experiment:
     validation: Any = None
     sample_fn: Callable | None = None  # (seed, round) -> cohort, when rows are streamed
     privacy: PrivacyPlan | None = None
+    compressor: Compressor | None = None
 
 
 def validation_set(config: RunConfig, fed: Federation, max_rows: int = 256):
@@ -130,6 +132,7 @@ def compile_round(config: RunConfig, parts: TrainingParts):
             gathered=streams_cohort(config),
             dp=None if parts.privacy is None else parts.privacy.client_dp,
             secagg=config.secagg != "off",
+            compressor=parts.compressor,
         )
     )
     sample_fn = None
@@ -148,8 +151,10 @@ def build(config: RunConfig, ray_cluster: RayOptions | None = None) -> Experimen
     if ray_cluster is not None:
         from sim.ray_sim import RayRound
 
-        if parts.privacy is not None or config.secagg != "off":
-            raise ConfigError("--ray does not run DP or secure aggregation yet: drop --ray")
+        if parts.privacy is not None or config.secagg != "off" or parts.compressor is not None:
+            raise ConfigError(
+                "--ray does not run DP, secure aggregation or compression yet: drop --ray"
+            )
 
         mesh, sample_fn = None, None
         round_fn = RayRound(config, parts, ray_cluster)
@@ -205,6 +210,7 @@ def build(config: RunConfig, ray_cluster: RayOptions | None = None) -> Experimen
         validation,
         sample_fn,
         parts.privacy,
+        parts.compressor,
     )
 
 
@@ -216,6 +222,18 @@ def play_round(exp: Experiment, state, client_states, seed: jax.Array):
         data = cohort_rows(data, np.asarray(exp.sample_fn(seed, state.round)))
     state, client_states = replicate((state, client_states), exp.mesh)
     return exp.round_fn(state, data, client_states, seed)
+
+
+def update_shapes(exp: Experiment, state: Any, client_states: Any) -> Any:
+    """Zeros shaped like one hospital's update (what travels up), from the algorithm."""
+    one = jax.tree.map(lambda a: np.asarray(a)[0], exp.federation.train)
+    own = None if client_states is None else jax.tree.map(lambda a: a[0], client_states)
+    out = jax.eval_shape(
+        lambda: exp.algorithm.client_update(
+            exp.algorithm.broadcast(state), one, jax.random.key(0), own, None
+        )
+    )
+    return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), out.update)
 
 
 def param_bytes(tree: Any) -> int:
@@ -264,11 +282,14 @@ def run(
     progress: bool = True,
     plots: bool = True,
     ray_cluster: RayOptions | None = None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) a simulation and write its results folder; returns ``summary.json``'s dict.
 
     ``stop_after=k`` stops after round k with a checkpoint (a later ``resume=True`` continues
-    and ends bit-identical to an uninterrupted run).
+    and ends bit-identical to an uninterrupted run). With ``plots`` the folder also gets
+    ``plots/*.png`` and ``report.html`` (refreshed during the run, at most every
+    ``REPORT_EVERY_S`` seconds, as a live view; ``command`` is shown in it).
     """
     workdir = Path(workdir)
     t_start = time.perf_counter()
@@ -276,7 +297,7 @@ def run(
     write_json(workdir / "config.json", config.to_dict())
     exp = build(config, ray_cluster)
     try:
-        return _run_rounds(exp, workdir, t_start, resume, stop_after, progress, plots)
+        return _run_rounds(exp, workdir, t_start, resume, stop_after, progress, plots, command)
     finally:
         if hasattr(exp.round_fn, "close"):
             exp.round_fn.close()
@@ -290,6 +311,7 @@ def _run_rounds(
     stop_after: int | None,
     progress: bool,
     plots: bool,
+    command: str | None = None,
 ) -> dict[str, Any]:
     config = exp.config
     fed = exp.federation
@@ -305,6 +327,16 @@ def _run_rounds(
             state = state.replace(privacy_state=init_dp_state(plan.client_dp))
     secagg = SecAggCheck(config, fed) if config.secagg != "off" else None
     client_states = initial_client_states(exp.algorithm, init_vars, config.hospitals)
+    up_bytes = param_bytes(state.params)
+    if exp.compressor is not None:
+        update_like = update_shapes(exp, state, client_states)
+        up_bytes = exp.compressor.payload_bytes(update_like)
+        if exp.compressor.stateful:  # error feedback: a residual per hospital
+            residual = exp.compressor.init(update_like)
+            residual = jax.tree.map(
+                lambda a: jnp.zeros((config.hospitals, *a.shape), a.dtype), residual
+            )
+            client_states = {"algo": client_states, "residual": residual}
     ckpt = Checkpoints(workdir / "checkpoints")
     log = MetricsLog(workdir / "metrics.jsonl")
     start = 0
@@ -341,6 +373,7 @@ def _run_rounds(
     )
     compile_s = None
     stop_reason = None
+    last_report = time.perf_counter()
     for rnd in range(start, last):
         if ledger is not None and (stop_reason := ledger.budget_stop()) is not None:
             if not history:
@@ -355,7 +388,7 @@ def _run_rounds(
         round_s = time.perf_counter() - t0
         if compile_s is None:
             compile_s = round_s
-        record = _round_record(exp, rnd, info, msg_bytes, round_s)
+        record = _round_record(exp, rnd, info, msg_bytes, round_s, up_bytes)
         for hospital in record["rejected"]:
             bar.write(f"round {rnd + 1}: rejected the update of hospital {hospital} (NaN/Inf)")
         present = np.asarray(info.weights) > 0
@@ -375,8 +408,11 @@ def _run_rounds(
             record.update(_eval_record(exp.eval_fn(host_params, fed.test)))
             if exp.personal_eval_fn is not None and (final or not exp.algorithm.personalize_trains):
                 key = rng.round_key(config.seed, rng.PERSONAL, rnd)
+                own = client_states
+                if isinstance(own, dict) and set(own) == {"algo", "residual"}:
+                    own = own["algo"]
                 ev = exp.personal_eval_fn(
-                    exp.algorithm.broadcast(state), fed.train, fed.test, client_states, key
+                    exp.algorithm.broadcast(state), fed.train, fed.test, own, key
                 )
                 record["personalized"] = _eval_record(ev)
         if exp.contribution_fn is not None and (
@@ -391,6 +427,9 @@ def _run_rounds(
             }
         log.append(record)
         history.append(record)
+        if plots and not final and time.perf_counter() - last_report > REPORT_EVERY_S:
+            _report(workdir, command, live=True)
+            last_report = time.perf_counter()
         if (rnd + 1) % config.checkpoint_every == 0 or rnd + 1 == last or final:
             ckpt.save(rnd + 1, saved_tree())
         post = {"loss": f"{record['train_loss']:.3f}"}
@@ -408,6 +447,12 @@ def _run_rounds(
 
     summary = _summarize(exp, state, history)
     summary["rounds_trained"] = history[-1]["round"]
+    summary["compression"] = {
+        "codec": config.compression,
+        "bytes_up_per_update": up_bytes,
+        "ratio_vs_float32": param_bytes(state.params) / up_bytes,
+        **({"topk_fraction": config.topk_fraction} if config.compression == "topk" else {}),
+    }
     summary["privacy"] = privacy_summary(plan, ledger, history, stop_reason)
     if secagg is not None:
         summary["secagg"] = secagg.summary(history)
@@ -423,10 +468,26 @@ def _run_rounds(
         from sim.plots import plot_run
 
         plot_run(workdir)
+        _report(workdir, command, live=False)
     return summary
 
 
-def _round_record(exp: Experiment, rnd: int, info, msg_bytes: int, seconds: float) -> dict:
+REPORT_EVERY_S = 30.0  # live report.html refresh period during a run (wall clock)
+
+
+def _report(workdir: Path, command: str | None, live: bool) -> None:
+    """Write ``report.html``; a failure is reported, never fatal to the run it describes."""
+    from sim.report import ReportError, write_report
+
+    try:
+        write_report(workdir, command=command, live=live)
+    except (ReportError, OSError, ValueError) as err:
+        print(f"report.html not written: {err}", file=sys.stderr)
+
+
+def _round_record(
+    exp: Experiment, rnd: int, info, msg_bytes: int, seconds: float, up_bytes: int
+) -> dict:
     weights = np.asarray(info.weights)
     losses = np.asarray(info.metrics["loss"])
     cohort = np.asarray(info.cohort)
@@ -440,7 +501,7 @@ def _round_record(exp: Experiment, rnd: int, info, msg_bytes: int, seconds: floa
         "client_steps": np.asarray(info.metrics["steps"]).astype(int).tolist(),
         "absent": cohort[~sent].tolist(),
         "rejected": cohort[np.asarray(info.metrics["rejected"])].tolist(),
-        "bytes_up": msg_bytes * int(sent.sum()),
+        "bytes_up": up_bytes * int(sent.sum()),
         "bytes_down": msg_bytes * len(cohort),
         "seconds": seconds,
     }

@@ -310,6 +310,7 @@ def test_expired_tokens_group_key_pending_and_a_healed_partition(participant, tm
         h.close()
 
 
+@pytest.mark.slow  # the process-kill test above runs the same processes in the default suite
 def test_demo_runs_sites_and_coordinator_as_processes(tmp_path):
     s = run_demo(3, 2, tmp_path / "demo")
     assert s["exit_codes"] == {"coordinator": 0, **dict.fromkeys(SITES, 0)}

@@ -211,6 +211,7 @@ def test_private_batch_grad_noise_stddev(tiny_model):
     assert z.std() == pytest.approx(1.5 * 2.0 / 16, rel=5 / math.sqrt(2 * z.size))
 
 
+@pytest.mark.slow  # DP-SGD's numbers are checked by the per-example reference test above
 def test_record_level_dp_sgd_trains_and_is_deterministic(tiny_model):
     data = make_clients([20], capacity=24)
     one = jax.tree.map(lambda a: a[0], data)

@@ -70,8 +70,9 @@ def test_bad_sweep_files_name_the_field(tmp_path, grid, extra, message):
 
 
 def kill_first_worker(workdir: Path, killed: list[int]) -> None:
-    """Wait for the run's first attempt to start (and finish a round), then SIGKILL it."""
-    deadline = time.time() + 120
+    """Wait for the run's first attempt to start (and finish a round), then SIGKILL it (a busy
+    machine may take minutes to get there: the other runs of the sweep share its 2 CPUs)."""
+    deadline = time.time() + 600
     while time.time() < deadline:
         tries = attempts(workdir)
         if tries and (workdir / "metrics.jsonl").exists():

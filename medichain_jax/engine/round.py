@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from medichain_jax import rng
+from medichain_jax.compression import Compressor
 from medichain_jax.engine.parallel import Parallelism, run_cohort
 from medichain_jax.engine.system import SystemModel, active_clients
 from medichain_jax.fl.aggregators import Aggregator, finalize_mean, weighted_mean
@@ -23,6 +24,7 @@ from medichain_jax.privacy.field import dequantize, field_sum, quantize
 from medichain_jax.types import ClientData, ClientOutput, PyTree, ServerState
 
 AXIS = "clients"
+COMPRESS_TAG = 2**31 - 2  # folded into a client's key for stochastic compression
 
 
 class RoundInfo(NamedTuple):
@@ -55,15 +57,23 @@ def guarded_client_fn(
     clip_norm: float | None,
     dp: ClientDP | None = None,
     dp_clip: jax.Array | None = None,
+    compressor: Compressor | None = None,
 ) -> Callable:
     """One client's work inside the round, with the simulation's masks and the update checks:
     inactive hospitals train on zero examples (a no-op), Byzantine ones are attacked, updates
     are norm-clipped, and an update holding NaN/Inf gets weight 0 and a zero update (never
     averaged in, by any aggregator). A hospital that did not contribute keeps its old state.
-    With client-level ``dp`` every update is clipped to ``dp_clip`` and weighs 1 (DP-FedAvg)."""
+    With client-level ``dp`` every update is clipped to ``dp_clip`` and weighs 1 (DP-FedAvg).
+    A ``compressor`` encodes the update as the hospital would send it and decodes it as the
+    server would (a lossy transfer); a stateful one keeps its residual in the client state
+    (``{"algo": ..., "residual": ...}``)."""
+    stateful = compressor is not None and compressor.stateful
 
     def client_fn(data: ClientData, key: jax.Array, packed):
         state, sysc = packed
+        residual = None
+        if stateful:
+            state, residual = state["algo"], state["residual"]
         data = data.replace(num_examples=jnp.where(sysc["active"], data.num_examples, 0))
         attack = "none" if system is None else system.attack
         data = poison_data(data, sysc["byzantine"], attack)
@@ -82,6 +92,16 @@ def guarded_client_fn(
         metrics["active"] = sysc["active"] & (data.num_examples > 0)
         metrics["rejected"] = ~finite
         weight = jnp.where(ok, out.weight, 0.0)
+        if compressor is not None:
+            payload, new_residual = compressor.compress(
+                update, jax.random.fold_in(key, COMPRESS_TAG), residual
+            )
+            update = compressor.decompress(payload, update)
+            if stateful:
+                new_residual = jax.tree.map(
+                    lambda new, old: jnp.where(ok, new, old), new_residual, residual
+                )
+                new_state = {"algo": new_state, "residual": new_residual}
         if dp is not None:
             update, norm = clip_update(update, dp_clip)
             metrics["update_norm"] = norm
@@ -149,6 +169,7 @@ def build_cohort_step(
     clip_norm: float | None = None,
     keep_updates: bool = False,
     dp: ClientDP | None = None,
+    compressor: Compressor | None = None,
 ) -> Callable[..., CohortSums]:
     """Return ``step(message, data, ids, client_states, seed, rnd, dp_clip=None) -> CohortSums``:
     local
@@ -163,7 +184,9 @@ def build_cohort_step(
 
     def on_devices(sent, d, keys, packed):
         message, dp_clip = sent
-        client_fn = guarded_client_fn(algorithm, message, system, clip_norm, dp, dp_clip)
+        client_fn = guarded_client_fn(
+            algorithm, message, system, clip_norm, dp, dp_clip, compressor
+        )
         res = run_cohort(client_fn, d, keys, packed, parallelism, keep_updates=keep_updates)
         usum, wsum = res.update_sum, res.weight_sum
         if mesh is not None:
@@ -272,6 +295,7 @@ def build_round(
     gathered: bool = False,
     dp: ClientDP | None = None,
     secagg: bool = False,
+    compressor: Compressor | None = None,
 ) -> Callable[[ServerState, ClientData, PyTree, jax.Array], tuple[ServerState, PyTree, RoundInfo]]:
     """Return a pure ``round_fn(state, data, client_states, seed) -> (state, client_states, info)``.
 
@@ -300,7 +324,14 @@ def build_round(
     if secagg and dp is None and clip_norm is None:
         raise ValueError("secure aggregation needs bounded updates: set clip_norm or client DP")
     step = build_cohort_step(
-        algorithm, parallelism, mesh, system=system, clip_norm=clip_norm, keep_updates=keep, dp=dp
+        algorithm,
+        parallelism,
+        mesh,
+        system=system,
+        clip_norm=clip_norm,
+        keep_updates=keep,
+        dp=dp,
+        compressor=compressor,
     )
 
     def round_fn(state: ServerState, data: ClientData, client_states: PyTree, seed: jax.Array):
