@@ -83,6 +83,21 @@ def derived(summary: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def flamby_table(results: dict[str, dict], baselines: str) -> dict[str, Any]:
+    """FLamby's benchmark table: per hospital, the AUC of pooled training, local-only training
+    (both from run ``baselines``, made with ``--baselines``) and of every run (its personalized
+    models where it has them, else the global model)."""
+    if baselines not in results or "local" not in results[baselines]:
+        raise ExperimentError(f"flamby_table: run {baselines!r} must exist and use baselines: true")
+    base = results[baselines]
+    columns = {"pooled": base["pooled"]["per_hospital"], "local": base["local"]["per_hospital"]}
+    for name, s in results.items():
+        if name != baselines:
+            columns[name] = s.get("personalized", s["federated"])["per_hospital"]
+    vendors = [h.get("vendor", "") for h in base.get("hospitals", [])]
+    return {"hospitals": vendors, "columns": columns}
+
+
 def bytes_to_target(workdir: Path, target: float) -> dict[str, Any]:
     """Communication cost of reaching ``target`` mean per-hospital AUC: the first evaluated
     round at or above it and the bytes (up + down) sent until then (None if never reached)."""
@@ -145,6 +160,7 @@ def _table(
     results: dict[str, dict],
     claims: list[dict],
     cost: dict[str, dict] | None = None,
+    table: dict[str, Any] | None = None,
 ) -> str:
     lines = [f"# {spec.get('name', 'comparison')}", "", spec.get("description", "").strip(), ""]
     if spec.get("command"):
@@ -180,6 +196,14 @@ def _table(
                 f"{p['delta']:g} | {p['noise_multiplier']:.3f} | {clip} | "
                 f"{s['federated']['mean']:.4f} |"
             )
+    if table:
+        cols = list(table["columns"])
+        lines += ["", "| hospital | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for i, vendor in enumerate(table["hospitals"]):
+            cells = " | ".join(f"{table['columns'][c][i]:.3f}" for c in cols)
+            lines.append(f"| {i} ({vendor}) | {cells} |")
+        means = " | ".join(f"**{np.mean(table['columns'][c]):.3f}**" for c in cols)
+        lines.append(f"| mean | {means} |")
     if cost:
         lines += [
             "",
@@ -315,6 +339,7 @@ def run_experiment(spec: dict[str, Any], *, force: bool = False, progress: bool 
         print(f"[{name}] {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         results[name] = _with_derived(summary)
     claims = check_claims(spec, results)
+    per_hospital = flamby_table(results, spec["flamby_table"]) if spec.get("flamby_table") else None
     cost = None
     if spec.get("target_auc") is not None:
         cost = {name: bytes_to_target(out / name, float(spec["target_auc"])) for name in results}
@@ -338,9 +363,10 @@ def run_experiment(spec: dict[str, Any], *, force: bool = False, progress: bool 
         "runs": table,
         "claims": claims,
         **({"target_auc": spec["target_auc"], "cost_to_target": cost} if cost else {}),
+        **({"per_hospital_auc": per_hospital} if per_hospital else {}),
     }
     write_json(out / "comparison.json", comparison)
-    (out / "comparison.md").write_text(_table(spec, results, claims, cost))
+    (out / "comparison.md").write_text(_table(spec, results, claims, cost, per_hospital))
     _plot(results, out / "comparison.png")
     _privacy_plot(results, out / "privacy.png")
     return comparison

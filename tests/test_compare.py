@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from sim.compare import ExperimentError, check_claims, derived, load_experiment, run_experiment
@@ -138,3 +139,35 @@ def test_privacy_rows_and_accuracy_vs_epsilon_plot(tmp_path):
     assert (tmp_path / "privacy.png").stat().st_size > 10_000
     assert not _privacy_plot({"record-none": results["record-none"]}, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+
+
+def test_flamby_table_per_hospital():
+    from sim.compare import _table, flamby_table
+
+    def fed(aucs):
+        return {"mean": float(np.mean(aucs)), "per_hospital": aucs, "pooled_test": 0.0}
+
+    base = {
+        "federated": fed([0.7, 0.8]),
+        "pooled": {"per_hospital": [0.9, 0.85]},
+        "local": {"per_hospital": [0.6, 0.65]},
+        "hospitals": [{"vendor": "GE"}, {"vendor": "Siemens"}],
+        "timing": {"total_s": 1.0},
+    }
+    ditto = {
+        "federated": fed([0.7, 0.7]),
+        "personalized": fed([0.75, 0.8]),
+        "timing": {"total_s": 1.0},
+    }
+    results = {"fedavg-baselines": base, "ditto": ditto}
+    table = flamby_table(results, "fedavg-baselines")
+    assert table["columns"] == {
+        "pooled": [0.9, 0.85],
+        "local": [0.6, 0.65],
+        "ditto": [0.75, 0.8],  # personalized models where the algorithm has them
+    }
+    text = _table({"name": "t"}, results, [], table=table)
+    assert "| 1 (Siemens) | 0.850 | 0.650 | 0.800 |" in text
+    assert "| mean | **0.875** | **0.625** | **0.775** |" in text
+    with pytest.raises(ExperimentError, match="baselines: true"):
+        flamby_table({"ditto": ditto}, "ditto")
