@@ -36,6 +36,7 @@ from calimero_adapter.site import load_key
 from calimero_adapter.training import (
     Participant,
     load_participant,
+    payload_template,
     server_update,
     server_update_from_sum,
     update_template,
@@ -248,7 +249,12 @@ class Coordinator:
                 return body, secagg.decode_masked(blob, body["coordinates"]), len(blob)
             except ValueError as err:
                 raise CodecError(f"{key}: {err}") from err
-        update = decode_tree(blob, self.utemplate)
+        c = self.p.parts.compressor
+        if c is not None:
+            payload = decode_tree(blob, payload_template(self.p))
+            update = jax.tree.map(np.asarray, c.decompress(payload, self.utemplate))
+        else:
+            update = decode_tree(blob, self.utemplate)
         if not bool(tree_all_finite(update)):
             raise protocol.ProtocolError(f"{key}: update holds NaN/Inf")
         return body, update, len(blob)

@@ -77,6 +77,7 @@ def simulate(config: RunConfig) -> Any:
             clip_norm=config.clip_norm,
             dp=None if p.parts.privacy is None else p.parts.privacy.client_dp,
             secagg=config.secagg != "off",
+            compressor=p.parts.compressor,
         )
     )
     state = p.initial_state()
@@ -86,6 +87,13 @@ def simulate(config: RunConfig) -> Any:
     from medichain_jax.fl.algorithm import initial_client_states
 
     clients = initial_client_states(p.parts.algorithm, p.init_vars, config.hospitals)
+    c = p.parts.compressor
+    if c is not None and c.stateful:  # error feedback: a residual per hospital, as the runner
+        from calimero_adapter.training import update_template
+
+        residual = c.init(update_template(p))
+        residual = jax.tree.map(lambda a: jnp.zeros((config.hospitals, *a.shape)), residual)
+        clients = {"algo": clients, "residual": residual}
     for _ in range(config.rounds):
         state, clients, _ = round_fn(state, train, clients, seed)
     return jax.tree.map(np.asarray, state.params)

@@ -35,6 +35,7 @@ from calimero_adapter.ledger import APPS, Ledger, LedgerWatcher
 from calimero_adapter.training import (
     Participant,
     client_step,
+    compression_key,
     evaluate_global,
     load_participant,
 )
@@ -157,6 +158,18 @@ class SiteRunner:
             return None
         return decode_tree(path.read_bytes(), tmpl) if path.exists() else tmpl
 
+    def _residual(self, like: Any) -> Any:
+        """The error-feedback residual carried from this hospital's earlier rounds."""
+        path = self.workdir / "residual.bin"
+        init = jax.tree.map(np.asarray, self.p.parts.compressor.init(like))
+        return decode_tree(path.read_bytes(), init) if path.exists() else init
+
+    def _save_tree(self, name: str, tree: Any) -> None:
+        path = self.workdir / name
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(encode_tree(jax.tree.map(np.asarray, tree)))
+        os.replace(tmp, path)
+
     def _save_client_state(self, state: Any) -> None:
         if state is None:
             return
@@ -254,6 +267,13 @@ class SiteRunner:
             if blob is None:
                 return  # left out of this round's secure aggregation (too late, or dropped)
             masked = {"masked": True, "coordinates": secagg.flat_size(update)}
+        elif self.p.parts.compressor is not None:  # sent as the simulator's codec encodes it
+            c = self.p.parts.compressor
+            residual = self._residual(update)
+            key = compression_key(jnp.uint32(self.p.config.seed), rnd, self.hospital)
+            payload, new_residual = c.compress(update, key, residual)
+            blob = encode_tree(jax.tree.map(np.asarray, payload))
+            masked = {"codec": c.name}
         else:
             blob = encode_tree(update)
         ref = self._put_blob("update", blob)
@@ -276,7 +296,9 @@ class SiteRunner:
         )
         self._put_manifest(protocol.update_key(self.run, rnd, self.site), "update", manifest)
         self._save_client_state(out.state)
-        if masked:
+        if self.p.parts.compressor is not None and self.p.parts.compressor.stateful:
+            self._save_tree("residual.bin", new_residual)  # error feedback, after submitting
+        if masked.get("masked"):
             self._secagg_reveal(rnd)
 
     # -- secure aggregation (Bonawitz et al. 2017) over the ledger -----------------------

@@ -13,7 +13,13 @@ import numpy as np
 
 from medichain_jax import rng
 from medichain_jax.engine.parallel import run_cohort
-from medichain_jax.engine.round import CohortSums, guarded_client_fn, sample_cohort, server_step
+from medichain_jax.engine.round import (
+    COMPRESS_TAG,
+    CohortSums,
+    guarded_client_fn,
+    sample_cohort,
+    server_step,
+)
 from medichain_jax.fl.aggregators import weighted_sum
 from medichain_jax.fl.algorithm import initial_client_states
 from medichain_jax.metrics import evaluate
@@ -172,6 +178,23 @@ def server_update_from_sum(p: Participant):
 
     p.compiled["server_update_from_sum"] = jax.jit(step)
     return p.compiled["server_update_from_sum"]
+
+
+def compression_key(seed: Any, rnd: Any, hospital: Any) -> jax.Array:
+    """The key the simulator's round gives a hospital's stochastic compression."""
+    return jax.random.fold_in(rng.client_key(seed, rnd, hospital), COMPRESS_TAG)
+
+
+def payload_template(p: Participant) -> Any:
+    """Zeros shaped like one compressed update (what a compressed update blob decodes into)."""
+    c = p.parts.compressor
+    if "payload_template" not in p.compiled:
+        like = update_template(p)
+        out = jax.eval_shape(
+            lambda u, r: c.compress(u, jax.random.key(0), r)[0], like, c.init(like)
+        )
+        p.compiled["payload_template"] = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), out)
+    return p.compiled["payload_template"]
 
 
 def evaluate_global(p: Participant, variables: Any, hospital: int) -> dict[str, Any]:

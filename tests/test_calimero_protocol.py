@@ -21,7 +21,7 @@ from calimero_adapter.emulator import EmulatedNetwork
 from calimero_adapter.ledger import Ledger, LedgerWatcher
 from calimero_adapter.site import SiteRunner, load_key
 from calimero_adapter.training import load_participant
-from medichain_jax.codec import CodecError, decode_tree
+from medichain_jax.codec import CodecError, decode_tree, encode_tree
 from medichain_jax.privacy.envelope import public_key_hex, signing_key_from_seed
 from sim.config import RunConfig
 
@@ -456,3 +456,24 @@ def test_a_site_process_killed_mid_round_is_restarted(participant, reference, tm
     manifests = [json.loads(x) for x in audit.read_text().splitlines()]
     updates = [m for m in manifests if m["kind"] == "manifest" and m["what"] == "update"]
     assert len({m["ref"] for m in updates}) == 3  # one manifest key per round, never two
+
+
+@pytest.mark.parametrize(
+    ("codec", "extra"),
+    [pytest.param("int8", {}, marks=pytest.mark.slow), ("topk", {"topk_fraction": 0.1})],
+)
+def test_compressed_updates_travel_and_end_at_the_simulations_params(tmp_path, codec, extra):
+    config = RunConfig(**{**CONFIG.to_dict(), "compression": codec, **extra})
+    p = load_participant(config)
+    h = Harness(p, tmp_path)
+    try:
+        summary = h.run([h.site(i) for i in range(3)])
+        h.join()
+        assert not h.errors, h.errors
+        assert summary["rejected_updates"] == []
+        assert max_abs_diff(h.final_params(), simulate(config)) <= 1e-6
+        manifest = Ledger(h.client(0), h.ctx).get(protocol.update_key(p.run_id, 0, SITES[0]))
+        assert manifest["codec"] == codec
+        assert manifest["size"] < 0.5 * len(encode_tree(jax.tree.map(np.asarray, p.init_vars)))
+    finally:
+        h.close()
