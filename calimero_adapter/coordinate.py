@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from calimero_adapter import secagg_rounds as secagg
 from calimero_adapter.client import CalimeroClient, TokenAuth
 from calimero_adapter.errors import BlobNotFound, CalimeroError, NodeUnavailable
 from calimero_adapter.ledger import APPS, Ledger, LedgerWatcher
-from calimero_adapter.site import load_key
+from calimero_adapter.site import load_key, save_tree
 from calimero_adapter.training import (
     Participant,
     load_participant,
@@ -347,9 +346,7 @@ class Coordinator:
     # -- persistence ---------------------------------------------------------------------
 
     def _save(self, state: Any, next_round: int) -> None:
-        tmp = self.out / "coordinator_state.tmp"
-        tmp.write_bytes(encode_tree(jax.tree.map(np.asarray, state)))
-        os.replace(tmp, self.out / "coordinator_state.bin")
+        save_tree(self.out / "coordinator_state.bin", state)
         (self.out / "coordinator.json").write_text(json.dumps({"next_round": next_round}))
 
     def _restore(self) -> tuple[Any, int]:

@@ -28,6 +28,7 @@ from medichain_jax.codec import decode_tree
 from medichain_jax.engine.round import build_round
 from medichain_jax.privacy.envelope import public_key_hex
 from sim.config import RunConfig
+from sim.parts import with_residuals
 from sim.results import write_json
 
 # what may leave a hospital: manifests (registration, updates, metrics of the final model, the
@@ -87,13 +88,10 @@ def simulate(config: RunConfig) -> Any:
     from medichain_jax.fl.algorithm import initial_client_states
 
     clients = initial_client_states(p.parts.algorithm, p.init_vars, config.hospitals)
-    c = p.parts.compressor
-    if c is not None and c.stateful:  # error feedback: a residual per hospital, as the runner
+    if p.parts.compressor is not None:  # error feedback: a residual per hospital, as the runner
         from calimero_adapter.training import update_template
 
-        residual = c.init(update_template(p))
-        residual = jax.tree.map(lambda a: jnp.zeros((config.hospitals, *a.shape)), residual)
-        clients = {"algo": clients, "residual": residual}
+        clients = with_residuals(p.parts.compressor, clients, update_template(p), config.hospitals)
     for _ in range(config.rounds):
         state, clients, _ = round_fn(state, train, clients, seed)
     return jax.tree.map(np.asarray, state.params)

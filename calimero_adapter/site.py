@@ -84,6 +84,13 @@ def load_seed(path: Path) -> bytes:
     return path.read_bytes()
 
 
+def save_tree(path: Path, tree: Any) -> None:
+    """Write a tree's encoding atomically (a crash leaves the old file or the new one)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(encode_tree(jax.tree.map(np.asarray, tree)))
+    os.replace(tmp, path)
+
+
 def load_key(path: Path):
     """An Ed25519 signing key from a seed file (created on first use)."""
     return signing_key_from_seed(load_seed(path))
@@ -164,19 +171,9 @@ class SiteRunner:
         init = jax.tree.map(np.asarray, self.p.parts.compressor.init(like))
         return decode_tree(path.read_bytes(), init) if path.exists() else init
 
-    def _save_tree(self, name: str, tree: Any) -> None:
-        path = self.workdir / name
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(encode_tree(jax.tree.map(np.asarray, tree)))
-        os.replace(tmp, path)
-
     def _save_client_state(self, state: Any) -> None:
-        if state is None:
-            return
-        path = self.workdir / "client_state.bin"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(encode_tree(jax.tree.map(np.asarray, state)))
-        os.replace(tmp, path)
+        if state is not None:
+            save_tree(self.workdir / "client_state.bin", state)
 
     # -- outbound, always audited --------------------------------------------------------
 
@@ -297,7 +294,9 @@ class SiteRunner:
         self._put_manifest(protocol.update_key(self.run, rnd, self.site), "update", manifest)
         self._save_client_state(out.state)
         if self.p.parts.compressor is not None and self.p.parts.compressor.stateful:
-            self._save_tree("residual.bin", new_residual)  # error feedback, after submitting
+            save_tree(
+                self.workdir / "residual.bin", new_residual
+            )  # error feedback, after submitting
         if masked.get("masked"):
             self._secagg_reveal(rnd)
 

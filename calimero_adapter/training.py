@@ -26,7 +26,7 @@ from medichain_jax.metrics import evaluate
 from medichain_jax.privacy.dp import init_dp_state
 from medichain_jax.types import ClientData, ClientOutput
 from sim.config import RunConfig
-from sim.parts import TrainingParts, build_federation, training_parts
+from sim.parts import TrainingParts, build_federation, training_parts, update_like
 
 
 @dataclasses.dataclass
@@ -145,20 +145,8 @@ def server_update(p: Participant):
 def update_template(p: Participant) -> Any:
     """Zeros shaped like one hospital's update (what an update blob decodes into)."""
     if "update_template" not in p.compiled:
-        plan = p.parts.privacy
-        dp = plan is not None and plan.client_dp is not None
-        out = jax.eval_shape(
-            client_step(p),
-            p.message_template(),
-            p.hospital_data(0),
-            jnp.uint32(0),
-            jnp.int32(0),
-            jnp.int32(0),
-            p.client_state_template(),
-            jnp.float32(1.0) if dp else None,
-        )
-        p.compiled["update_template"] = jax.tree.map(
-            lambda a: np.zeros(a.shape, a.dtype), out.update
+        p.compiled["update_template"] = update_like(
+            p.parts.algorithm, p.initial_state(), p.hospital_data(0), p.client_state_template()
         )
     return p.compiled["update_template"]
 

@@ -158,3 +158,24 @@ def training_parts(config: RunConfig, fed: Federation) -> TrainingParts:
     if config.compression != "none":
         compressor = get_compressor(config.compression, config.topk_fraction)
     return TrainingParts(model, hp, algorithm, aggregator, system, parallelism, privacy, compressor)
+
+
+def update_like(algorithm: Algorithm, state: Any, data_one: Any, client_state_one: Any) -> Any:
+    """Zeros shaped like one hospital's update (what travels up), from the algorithm."""
+    out = jax.eval_shape(
+        lambda: algorithm.client_update(
+            algorithm.broadcast(state), data_one, jax.random.key(0), client_state_one, None
+        )
+    )
+    return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), out.update)
+
+
+def with_residuals(compressor: Any, client_states: Any, like: Any, num_clients: int) -> Any:
+    """Every hospital's client state, with an error-feedback residual (zeros shaped like the
+    update) beside the algorithm's own state when ``compressor`` keeps one."""
+    if compressor is None or not compressor.stateful:
+        return client_states
+    residual = jax.tree.map(
+        lambda a: jax.numpy.zeros((num_clients, *a.shape), a.dtype), compressor.init(like)
+    )
+    return {"algo": client_states, "residual": residual}

@@ -42,6 +42,8 @@ from sim.parts import (  # noqa: F401  (re-exported: the runner's public names)
     build_system,
     load_dataset,
     training_parts,
+    update_like,
+    with_residuals,
 )
 from sim.privacy import (
     PrivacyLedger,
@@ -224,18 +226,6 @@ def play_round(exp: Experiment, state, client_states, seed: jax.Array):
     return exp.round_fn(state, data, client_states, seed)
 
 
-def update_shapes(exp: Experiment, state: Any, client_states: Any) -> Any:
-    """Zeros shaped like one hospital's update (what travels up), from the algorithm."""
-    one = jax.tree.map(lambda a: np.asarray(a)[0], exp.federation.train)
-    own = None if client_states is None else jax.tree.map(lambda a: a[0], client_states)
-    out = jax.eval_shape(
-        lambda: exp.algorithm.client_update(
-            exp.algorithm.broadcast(state), one, jax.random.key(0), own, None
-        )
-    )
-    return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), out.update)
-
-
 def param_bytes(tree: Any) -> int:
     """Bytes of one model message (all leaves)."""
     return int(sum(np.asarray(leaf).nbytes for leaf in jax.tree.leaves(tree)))
@@ -329,14 +319,11 @@ def _run_rounds(
     client_states = initial_client_states(exp.algorithm, init_vars, config.hospitals)
     up_bytes = param_bytes(state.params)
     if exp.compressor is not None:
-        update_like = update_shapes(exp, state, client_states)
-        up_bytes = exp.compressor.payload_bytes(update_like)
-        if exp.compressor.stateful:  # error feedback: a residual per hospital
-            residual = exp.compressor.init(update_like)
-            residual = jax.tree.map(
-                lambda a: jnp.zeros((config.hospitals, *a.shape), a.dtype), residual
-            )
-            client_states = {"algo": client_states, "residual": residual}
+        one = jax.tree.map(lambda a: np.asarray(a)[0], fed.train)
+        own = None if client_states is None else jax.tree.map(lambda a: a[0], client_states)
+        like = update_like(exp.algorithm, state, one, own)
+        up_bytes = exp.compressor.payload_bytes(like)
+        client_states = with_residuals(exp.compressor, client_states, like, config.hospitals)
     ckpt = Checkpoints(workdir / "checkpoints")
     log = MetricsLog(workdir / "metrics.jsonl")
     start = 0
